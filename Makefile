@@ -1,0 +1,38 @@
+# Quick start: `make demo` runs the main job, `make test` runs the test suite.
+# Both create .venv and install the package (torch pinned by constraints.txt) when needed.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test test-all lint format experiments benchmarks docs clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -c constraints.txt torch==2.13.0
+	$(PIP) install --quiet -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/laplace-kron demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -m ""
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check laplace_kron tests experiments benchmarks
+	$(VENV)/bin/ruff format --check laplace_kron tests experiments benchmarks
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format laplace_kron tests experiments benchmarks
+	$(VENV)/bin/ruff check --fix laplace_kron tests experiments benchmarks
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,8 @@
+"""laplace_kron: scalable Kronecker-factored Laplace approximations for PyTorch."""
+
+from .curvature import ekfac, kfac
+from .kron import KronBlock, KronCurvature
+
+__version__ = "0.1.0"
+
+__all__ = ["KronBlock", "KronCurvature", "ekfac", "kfac", "__version__"]

@@ -1,0 +1,258 @@
+"""Which layers to cover, and hooks recording their inputs and output-gradients.
+
+Each covered layer is seen as ``y = W a + b`` applied at ``T`` shared positions per datum:
+``T = prod`` of the middle axes for ``nn.Linear`` on ``[B, ..., D]`` and the number of output
+pixels for convolutions (whose inputs are unfolded into patches ``[B, T, C_in * prod(k)]``).
+A layer called several times in one forward pass (weight tying) contributes the positions of
+every call. The capture returns, per layer, inputs ``a [B, T, d_in]`` (with a trailing column of
+ones when the bias is treated jointly) and output-gradients ``g [K, B, T, d_out]`` for the ``K``
+output-gradient vectors backpropagated from the network output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+SUPPORTED_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+__all__ = ["LayerSpec", "select_layers", "Capture", "SUPPORTED_TYPES"]
+
+
+@dataclass
+class LayerSpec:
+    """A covered layer and how its parameters map to Kronecker blocks.
+
+    ``weight_name`` / ``bias_name`` are full parameter names (``None`` if absent or frozen).
+    ``joint`` means one block over the augmented weight ``[W | b]``; otherwise weight and bias get
+    separate blocks (the bias block has the single factor ``G``).
+    """
+
+    name: str
+    module: nn.Module
+    weight_name: str | None
+    bias_name: str | None
+    joint: bool
+    inputs: list[Tensor] = field(default_factory=list, repr=False)
+    outputs: list[Tensor] = field(default_factory=list, repr=False)
+
+    @property
+    def d_out(self) -> int:
+        m = self.module
+        return m.out_features if isinstance(m, nn.Linear) else m.out_channels
+
+    @property
+    def d_in(self) -> int:
+        """Input size of the weight matrix view (without the bias column)."""
+        m = self.module
+        if isinstance(m, nn.Linear):
+            return m.in_features
+        return m.weight[0].numel()
+
+    @property
+    def has_weight(self) -> bool:
+        return self.weight_name is not None
+
+    @property
+    def has_bias(self) -> bool:
+        return self.bias_name is not None
+
+
+def _trainable(p: nn.Parameter | None) -> bool:
+    return p is not None and p.requires_grad
+
+
+def select_layers(
+    model: nn.Module,
+    modules: None | str | Sequence[str | nn.Module] = None,
+    separate_bias: bool = False,
+) -> list[LayerSpec]:
+    """Resolve ``modules`` into the covered layers, in ``model.named_modules()`` order.
+
+    ``None`` covers every module with trainable parameters and fails, naming them, if any is not a
+    supported type. ``"last_layer"`` covers the last supported module with trainable parameters.
+    A list selects modules by name or by object. Parameters with ``requires_grad=False`` are skipped.
+    """
+    named = [(n, m) for n, m in model.named_modules()]
+    with_params = [
+        (n, m) for n, m in named if any(p.requires_grad for p in m.parameters(recurse=False))
+    ]
+    if not with_params:
+        raise ValueError("the model has no trainable parameters to put a Laplace posterior on")
+    if modules is None:
+        bad = [f"{n or '<root>'} ({type(m).__name__})" for n, m in with_params]
+        bad = [b for (n, m), b in zip(with_params, bad) if not isinstance(m, SUPPORTED_TYPES)]
+        if bad:
+            raise ValueError(
+                "unsupported layers with trainable parameters: "
+                + ", ".join(bad)
+                + ". Supported: nn.Linear, nn.Conv1d, nn.Conv2d (groups=1). Pass modules=[...] "
+                "(names or modules) or modules='last_layer' to cover only supported layers, or "
+                "freeze the others with requires_grad_(False)."
+            )
+        chosen = with_params
+    elif isinstance(modules, str):
+        if modules != "last_layer":
+            raise ValueError(
+                f"modules={modules!r} is not understood: use None (all layers), 'last_layer', "
+                "or a list of module names / modules"
+            )
+        sup = [(n, m) for n, m in with_params if isinstance(m, SUPPORTED_TYPES)]
+        if not sup:
+            raise ValueError("modules='last_layer': the model has no supported layer")
+        chosen = [sup[-1]]
+    else:
+        by_name = dict(named)
+        by_id = {id(m): n for n, m in named}
+        chosen = []
+        for item in modules:
+            if isinstance(item, str):
+                if item not in by_name:
+                    raise ValueError(f"modules: the model has no submodule named {item!r}")
+                chosen.append((item, by_name[item]))
+            elif isinstance(item, nn.Module):
+                if id(item) not in by_id:
+                    raise ValueError(f"modules: {type(item).__name__} is not a submodule of model")
+                chosen.append((by_id[id(item)], item))
+            else:
+                raise TypeError(f"modules entries must be names or nn.Modules, got {type(item)}")
+        if not chosen:
+            raise ValueError("modules is an empty list: select at least one layer")
+        for n, m in chosen:
+            if not isinstance(m, SUPPORTED_TYPES):
+                raise ValueError(
+                    f"module {n!r} ({type(m).__name__}) is not supported; supported: nn.Linear, "
+                    "nn.Conv1d, nn.Conv2d"
+                )
+        order = {n: i for i, (n, _) in enumerate(named)}
+        chosen = sorted(dict(chosen).items(), key=lambda kv: order[kv[0]])
+
+    specs = []
+    for n, m in chosen:
+        if isinstance(m, (nn.Conv1d, nn.Conv2d)):
+            if m.groups != 1:
+                raise ValueError(
+                    f"layer {n!r}: convolutions with groups={m.groups} are not supported"
+                )
+            if m.padding_mode != "zeros":
+                raise ValueError(
+                    f"layer {n!r}: padding_mode={m.padding_mode!r} is not supported (only 'zeros')"
+                )
+            if isinstance(m.padding, str):
+                raise ValueError(
+                    f"layer {n!r}: string padding {m.padding!r} is not supported; give explicit "
+                    "integer padding"
+                )
+        prefix = f"{n}." if n else ""
+        w = prefix + "weight" if _trainable(m.weight) else None
+        b = prefix + "bias" if _trainable(getattr(m, "bias", None)) else None
+        if w is None and b is None:
+            raise ValueError(f"layer {n!r} has no trainable parameters")
+        specs.append(
+            LayerSpec(n, m, w, b, joint=(w is not None and b is not None and not separate_bias))
+        )
+    return specs
+
+
+def unfold_input(module: nn.Module, x: Tensor) -> Tensor:
+    """Layer input -> ``[B, T, d_in]`` rows ``a`` with ``output = W a (+ b)`` at each position."""
+    if isinstance(module, nn.Linear):
+        return x.reshape(x.shape[0], -1, x.shape[-1])
+    if isinstance(module, nn.Conv1d):
+        x = x.unsqueeze(2)
+        kernel, dil = (1, module.kernel_size[0]), (1, module.dilation[0])
+        pad, stride = (0, module.padding[0]), (1, module.stride[0])
+    else:
+        kernel, dil, pad, stride = (
+            module.kernel_size,
+            module.dilation,
+            module.padding,
+            module.stride,
+        )
+    patches = F.unfold(x, kernel, dilation=dil, padding=pad, stride=stride)  # [B, d_in, T]
+    return patches.transpose(1, 2)
+
+
+def flatten_output(module: nn.Module, y: Tensor) -> Tensor:
+    """Layer output (or its gradient) -> ``[B, T, d_out]``."""
+    if isinstance(module, nn.Linear):
+        return y.reshape(y.shape[0], -1, y.shape[-1])
+    return y.flatten(2).transpose(1, 2)
+
+
+class Capture:
+    """Context manager recording inputs and outputs of the covered layers during a forward pass."""
+
+    def __init__(self, specs: Iterable[LayerSpec]):
+        self.specs = list(specs)
+        self._handles: list = []
+
+    def __enter__(self) -> Capture:
+        for spec in self.specs:
+            spec.inputs.clear()
+            spec.outputs.clear()
+
+            def hook(mod, inp, out, spec=spec):
+                spec.inputs.append(inp[0].detach())
+                spec.outputs.append(out)
+
+            self._handles.append(spec.module.register_forward_hook(hook))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def clear(self) -> None:
+        for spec in self.specs:
+            spec.inputs.clear()
+            spec.outputs.clear()
+
+    def layer_inputs(self, spec: LayerSpec) -> Tensor:
+        """``[B, T, d_in (+1)]`` unfolded inputs of all calls, with a ones column if joint."""
+        a = torch.cat([unfold_input(spec.module, x) for x in spec.inputs], dim=1)
+        if spec.joint:
+            a = torch.cat([a, a.new_ones(*a.shape[:2], 1)], dim=2)
+        return a
+
+    def output_gradients(self, f: Tensor, vectors: Tensor) -> list[Tensor]:
+        """Backpropagate each vector ``s_k`` (``vectors [K, B, C]``) from the output ``f``.
+
+        Returns per layer ``g [K, B, T, d_out]`` (gradients of ``sum_b s_k[b] . f[b]`` w.r.t. the
+        layer outputs). One backward pass per vector.
+        """
+        outs = [o for spec in self.specs for o in spec.outputs]
+        counts = [len(spec.outputs) for spec in self.specs]
+        for o, spec in zip(outs, [s for s in self.specs for _ in s.outputs]):
+            if not o.requires_grad:
+                raise ValueError(
+                    f"layer {spec.name!r}: its output does not require grad; is the forward pass "
+                    "wrapped in torch.no_grad()?"
+                )
+        K = vectors.shape[0]
+        per_vec = []
+        for k in range(K):
+            grads = torch.autograd.grad(
+                f,
+                outs,
+                grad_outputs=vectors[k].reshape(f.shape),
+                retain_graph=k < K - 1,
+                allow_unused=True,
+            )
+            per_vec.append([torch.zeros_like(o) if g is None else g for o, g in zip(outs, grads)])
+        result, start = [], 0
+        for spec, c in zip(self.specs, counts):
+            gs = [
+                torch.cat(
+                    [flatten_output(spec.module, per_vec[k][start + i]) for i in range(c)], dim=1
+                )
+                for k in range(K)
+            ]
+            result.append(torch.stack(gs))
+            start += c
+        return result

@@ -1,0 +1,185 @@
+"""Likelihoods: target validation, summed negative log-likelihoods and output-gradient vectors.
+
+For one datum with network output ``f`` the loss Hessian with respect to ``f`` is ``H_f``; the
+curvature (GGN) of the summed loss is ``sum_n J_n^T H_f,n J_n``. We write ``H_f = sum_c s_c s_c^T``
+with ``s_c`` the *output-gradient vectors*, so that backpropagating each ``s_c`` gives the
+per-layer output-gradients ``g`` whose outer products KFAC accumulates:
+
+=================  =========================  ================================  ====================
+likelihood          ``H_f``                    exact square root (columns)       MC sample
+=================  =========================  ================================  ====================
+classification      ``diag(p) - p p^T``        ``diag(sqrt p) - p sqrt(p)^T``    ``p - onehot(y~p)``
+regression (s=1)    ``I``                      ``I``                             ``eps ~ N(0, I)``
+binary              ``s (1 - s)``              ``sqrt(s (1 - s))``               ``s - Bernoulli(s)``
+=================  =========================  ================================  ====================
+
+with ``p = softmax(f)`` and ``s = sigmoid(f)``. MC vectors are scaled by ``1 / sqrt(mc_samples)``
+so that their outer products average to ``H_f``. The empirical Fisher uses the observed-label
+gradient ``d loss / d f``. Regression curvature is stored for ``sigma = 1``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+LIKELIHOODS = ("classification", "regression", "binary")
+FISHER_TYPES = ("exact", "mc", "empirical")
+
+__all__ = [
+    "FISHER_TYPES",
+    "LIKELIHOODS",
+    "check_likelihood",
+    "prepare_targets",
+    "nll_sum",
+    "output_gradient_vectors",
+]
+
+
+def check_likelihood(likelihood: str) -> str:
+    if likelihood not in LIKELIHOODS:
+        raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+    return likelihood
+
+
+def check_fisher(fisher: str, mc_samples: int) -> None:
+    if fisher not in FISHER_TYPES:
+        raise ValueError(f"fisher must be one of {FISHER_TYPES}, got {fisher!r}")
+    if not isinstance(mc_samples, int) or mc_samples < 1:
+        raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}")
+
+
+def prepare_targets(f: Tensor, y: Tensor, likelihood: str) -> tuple[Tensor, Tensor]:
+    """Validate ``(f, y)`` for the likelihood and return them in canonical shapes.
+
+    Returns ``f [B, C]`` and ``y``: ``[B]`` long class indices (classification), ``[B, C]`` float
+    (regression and binary, ``C = 1`` for binary).
+    """
+    if not isinstance(y, Tensor):
+        raise TypeError(f"targets must be a torch.Tensor, got {type(y).__name__}")
+    B = f.shape[0]
+    if y.shape[:1] != (B,):
+        raise ValueError(
+            f"targets have batch size {tuple(y.shape)[:1]} but the model output has {B}; "
+            "each batch must be (inputs, targets) with matching first dimensions"
+        )
+    if likelihood == "classification":
+        if f.ndim != 2:
+            raise ValueError(
+                f"classification expects model outputs of shape [batch, classes], got "
+                f"{tuple(f.shape)}"
+            )
+        if y.ndim != 1 or y.dtype.is_floating_point or y.dtype == torch.bool:
+            raise ValueError(
+                "classification targets must be integer class indices of shape [batch], got "
+                f"dtype {y.dtype} and shape {tuple(y.shape)} (one-hot targets: use y.argmax(-1))"
+            )
+        C = f.shape[1]
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= C):
+            raise ValueError(
+                f"classification targets must lie in [0, {C - 1}] for a model with {C} outputs, "
+                f"got values in [{int(y.min())}, {int(y.max())}]"
+            )
+        return f, y.long()
+    if likelihood == "regression":
+        if f.ndim == 1:
+            f = f.unsqueeze(1)
+        if f.ndim != 2:
+            raise ValueError(
+                f"regression expects model outputs of shape [batch, outputs], got {tuple(f.shape)}"
+            )
+        yy = y.unsqueeze(1) if y.ndim == 1 else y
+        if yy.shape != f.shape:
+            raise ValueError(
+                f"regression targets of shape {tuple(y.shape)} do not fit model outputs of shape "
+                f"{tuple(f.shape)}; they must have the same shape (or [batch] for one output)"
+            )
+        if not y.dtype.is_floating_point:
+            yy = yy.to(f.dtype)
+        return f, yy.to(f.dtype)
+    # binary
+    if f.ndim == 1:
+        f = f.unsqueeze(1)
+    if f.ndim != 2 or f.shape[1] != 1:
+        raise ValueError(
+            f"binary classification expects one logit per datum ([batch] or [batch, 1]), got model "
+            f"outputs of shape {tuple(f.shape)}; for several classes use likelihood='classification'"
+        )
+    yy = y.reshape(-1, 1) if y.ndim == 1 or (y.ndim == 2 and y.shape[1] == 1) else None
+    if yy is None:
+        raise ValueError(
+            f"binary targets must have shape [batch] or [batch, 1], got {tuple(y.shape)}"
+        )
+    if yy.numel() and not torch.all((yy == 0) | (yy == 1)):
+        raise ValueError("binary targets must be 0 or 1")
+    return f, yy.to(f.dtype)
+
+
+def nll_sum(f: Tensor, y: Tensor, likelihood: str) -> tuple[Tensor, Tensor]:
+    """Summed negative log-likelihood and summed squared residuals (regression, ``sigma = 1``).
+
+    Returns ``(nll, sse)``; ``sse`` is zero for classification.
+    """
+    zero = f.new_zeros(())
+    if likelihood == "classification":
+        return F.cross_entropy(f, y, reduction="sum"), zero
+    if likelihood == "binary":
+        return F.binary_cross_entropy_with_logits(f, y, reduction="sum"), zero
+    sse = ((f - y) ** 2).sum()
+    return 0.5 * sse + 0.5 * f.numel() * math.log(2 * math.pi), sse
+
+
+def output_gradient_vectors(
+    f: Tensor,
+    y: Tensor,
+    likelihood: str,
+    fisher: str,
+    mc_samples: int = 1,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Output-gradient vectors ``[K, B, C]`` with ``sum_k s_k s_k^T`` = loss Hessian (in expectation).
+
+    ``K`` is ``C`` for the exact Fisher (columns of the Hessian square root), ``mc_samples`` for
+    the MC Fisher and 1 for the empirical Fisher. ``f`` is detached.
+    """
+    f = f.detach()
+    B, C = f.shape
+    if fisher == "exact":
+        if likelihood == "classification":
+            p = torch.softmax(f, dim=-1)
+            sq = p.sqrt()
+            # S[b] = diag(sqrt p) - p sqrt(p)^T ; column c is the vector of index k = c.
+            S = torch.diag_embed(sq) - p.unsqueeze(2) * sq.unsqueeze(1)
+            return S.permute(2, 0, 1)
+        if likelihood == "regression":
+            eye = torch.eye(C, dtype=f.dtype, device=f.device)
+            return eye.unsqueeze(1).expand(C, B, C).clone()
+        s = torch.sigmoid(f)
+        return (s * (1 - s)).sqrt().unsqueeze(0)
+    if fisher == "empirical":
+        if likelihood == "classification":
+            return (torch.softmax(f, -1) - F.one_hot(y, C).to(f.dtype)).unsqueeze(0)
+        if likelihood == "regression":
+            return (f - y).unsqueeze(0)
+        return (torch.sigmoid(f) - y).unsqueeze(0)
+    # Monte-Carlo: sample labels from the model's predictive, on CPU for a device-independent stream.
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    fg = f.to(gen_device)
+    scale = 1.0 / math.sqrt(mc_samples)
+    if likelihood == "classification":
+        p = torch.softmax(fg, dim=-1)
+        idx = torch.multinomial(p, mc_samples, replacement=True, generator=generator)  # [B, K]
+        onehot = F.one_hot(idx.T, C).to(f.dtype)  # [K, B, C]
+        out = (p.unsqueeze(0) - onehot) * scale
+    elif likelihood == "regression":
+        out = torch.randn(mc_samples, B, C, generator=generator, dtype=f.dtype) * scale
+    else:
+        s = torch.sigmoid(fg)
+        draws = torch.bernoulli(
+            s.unsqueeze(0).expand(mc_samples, B, 1).contiguous(), generator=generator
+        )
+        out = (s.unsqueeze(0) - draws) * scale
+    return out.to(f.device)
