@@ -2,7 +2,8 @@
 
 from .curvature import ekfac, kfac
 from .kron import KronBlock, KronCurvature
+from .posterior import KronLaplace
 
 __version__ = "0.1.0"
 
-__all__ = ["KronBlock", "KronCurvature", "ekfac", "kfac", "__version__"]
+__all__ = ["KronBlock", "KronCurvature", "KronLaplace", "ekfac", "kfac", "__version__"]

@@ -102,10 +102,10 @@ def _match_keys(other: Any, panels: list[tuple[str | None, Any]], name: str, ref
     return [other] * len(panels)
 
 
-def _figure(n_panels: int, sharey: bool = True) -> tuple[Figure, list[Axes]]:
-    fig = Figure(figsize=(_PANEL_W * n_panels, _PANEL_H), layout="constrained")
+def _figure(n_panels: int, width: float = _PANEL_W) -> tuple[Figure, list[Axes]]:
+    fig = Figure(figsize=(width * n_panels, _PANEL_H), layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, n_panels, sharey=sharey, squeeze=False)[0]
+    axes = fig.subplots(1, n_panels, sharey=True, squeeze=False)[0]
     return fig, list(axes)
 
 
@@ -360,6 +360,8 @@ def regression_band(
     xte = _flat_1d(x_test, "x_test")
     order = np.argsort(xte, kind="stable")
     panels = _panels(mean, "mean")
+    if panels[0][0] is not None and not isinstance(std, Mapping):
+        raise ValueError("mean is a dict, so std must be a dict with the same keys")
     stds = _match_keys(std, panels, "mean", "std")
     checked = []
     for (name, m), s in zip(panels, stds, strict=True):
@@ -436,7 +438,7 @@ def metric_vs_shift(
     xs = _flat_1d(shifts, "shifts")
     if not isinstance(results, Mapping) or not results:
         raise ValueError("results must be a non-empty dict method -> values (or (mean, std))")
-    fig, axes = _figure(1)
+    fig, axes = _figure(1, width=5.6)
     ax = axes[0]
     for k, (method, value) in enumerate(results.items()):
         mean, std = _mean_std(value, f"results[{method!r}]", xs.shape[0])

@@ -56,7 +56,7 @@ def test_reliability_diagram_single_and_dict(tmp_path: Path) -> None:
 def test_reliability_diagram_bad_input(tmp_path: Path) -> None:
     probs, targets = _probs(50, 3, 1.0, 2)
     with pytest.raises(ValueError, match="sum to 1"):
-        plots.reliability_diagram(probs * 2, targets, tmp_path / "x.png")
+        plots.reliability_diagram(probs * 0.5, targets, tmp_path / "x.png")
     with pytest.raises(ValueError, match="same keys"):
         plots.reliability_diagram({"a": probs}, {"b": targets}, tmp_path / "x.png")
     with pytest.raises(ValueError, match="empty dict"):
@@ -160,7 +160,7 @@ def test_confidence_map_bad_input(tmp_path: Path) -> None:
         plots.confidence_map(gx1, gy1, conf, torch.randn(10, 3), y, tmp_path / "x.png")
     with pytest.raises(ValueError, match="y has 5 entries"):
         plots.confidence_map(gx1, gy1, conf, X, y[:5], tmp_path / "x.png")
-    with pytest.raises(ValueError, match="both 1-D"):
+    with pytest.raises(ValueError, match="must both be 1-D"):
         plots.confidence_map(gx1, np.zeros((30, 40)), conf, X, y, tmp_path / "x.png")
 
 
