@@ -133,7 +133,8 @@ def _marglik(la, granularity, n_steps, lr, tune_sigma, tol, optimizer="lbfgs") -
     elif optimizer == "adam":
         opt = torch.optim.Adam(params, lr=lr)
         iterations = 0
-        for iterations in range(1, n_steps + 1):
+        for step in range(1, n_steps + 1):
+            iterations = step
             opt.zero_grad()
             objective().backward()
             if max(float(p.grad.abs().max()) for p in params) <= tol:
@@ -161,7 +162,8 @@ def _mackay(la, granularity, n_steps, tune_sigma, tol) -> dict:
     N_out = la.num_data * la.curvature.n_outputs
     converged = False
     it = 0
-    for it in range(1, n_steps + 1):
+    for step in range(1, n_steps + 1):
+        it = step
         c = la.precision_scale(sigma)
         deltas = delta.expand(len(eigs)) if delta.ndim == 0 else delta
         # tr(Sigma_l) * delta_l = sum_ij delta_l / (c lambda + delta_l)
