@@ -5,6 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
+SRC := $(wildcard laplace_kron tests experiments benchmarks)
 
 .PHONY: setup demo test test-all lint format experiments benchmarks docs clean
 
@@ -27,12 +28,12 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q -m ""
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check laplace_kron tests experiments benchmarks
-	$(VENV)/bin/ruff format --check laplace_kron tests experiments benchmarks
+	$(VENV)/bin/ruff check $(SRC)
+	$(VENV)/bin/ruff format --check $(SRC)
 
 format: $(STAMP)
-	$(VENV)/bin/ruff format laplace_kron tests experiments benchmarks
-	$(VENV)/bin/ruff check --fix laplace_kron tests experiments benchmarks
+	$(VENV)/bin/ruff format $(SRC)
+	$(VENV)/bin/ruff check --fix $(SRC)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
