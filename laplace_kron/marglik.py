@@ -150,8 +150,8 @@ def _marglik(la, granularity, n_steps, lr, tune_sigma, tol, optimizer="lbfgs") -
 
 
 def _mackay(la, granularity, n_steps, tune_sigma, tol) -> dict:
-    eigs = la._eigs()
-    sq = la._sq_norms()
+    eigs, block_id, sq = la._spectrum()
+    n_blocks = len(sq)
     sizes = torch.tensor(la.curvature.block_sizes, dtype=torch.float64)
     if (sq <= 0).any():
         raise ValueError(
@@ -165,9 +165,11 @@ def _mackay(la, granularity, n_steps, tune_sigma, tol) -> dict:
     for step in range(1, n_steps + 1):
         it = step
         c = la.precision_scale(sigma)
-        deltas = delta.expand(len(eigs)) if delta.ndim == 0 else delta
-        # tr(Sigma_l) * delta_l = sum_ij delta_l / (c lambda + delta_l)
-        shrink = torch.stack([(d / (c * e + d)).sum() for e, d in zip(eigs, deltas, strict=True)])
+        d = delta[block_id] if delta.ndim == 1 else delta
+        # delta_l tr(Sigma_l) = sum_ij delta_l / (c lambda_ij + delta_l), one segment sum per block
+        shrink = torch.zeros(n_blocks, dtype=torch.float64).index_add_(
+            0, block_id, d / (c * eigs + d)
+        )
         gamma = sizes - shrink  # effective number of parameters per block
         if granularity == "scalar":
             new = gamma.sum() / sq.sum()

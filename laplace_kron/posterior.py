@@ -254,21 +254,33 @@ class KronLaplace:
             raise ValueError(f"prior precision must be a scalar or have {len(curv.blocks)} values")
         return list(d.unbind())
 
-    def _eigs(self) -> list[Tensor]:
-        """Undamped eigenvalues per block (float64, cached): the only input tuning needs."""
+    def _spectrum(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Cached ``(eigenvalues [P], block id per eigenvalue [P], ||theta*_l||^2 [n_blocks])``.
+
+        All undamped eigenvalues live in one float64 vector so that the evidence and its
+        gradient are a single vectorised pass over ``P`` numbers: tuning never touches the data.
+        """
         if self._cache is None:
             curv = self._require_fit()
-            eigs = [b.eigvals().detach().to(torch.float64).flatten() for b in curv.blocks]
+            eigs = torch.cat(
+                [b.eigvals().detach().to(torch.float64).flatten() for b in curv.blocks]
+            )
+            sizes = torch.tensor(curv.block_sizes)
+            block_id = torch.repeat_interleave(torch.arange(len(curv.blocks)), sizes)
             sq = []
             for b in curv.blocks:
                 idx = curv.block_index(b).to(self.mean.device)
                 sq.append(self.mean[idx].to(torch.float64).pow(2).sum())
-            self._cache = (eigs, torch.stack(sq))
-        return self._cache[0]
+            self._cache = (eigs.cpu(), block_id, torch.stack(sq).cpu())
+        return self._cache
+
+    def _eigs(self) -> list[Tensor]:
+        """Undamped eigenvalues per block (float64)."""
+        eigs, _, _ = self._spectrum()
+        return list(eigs.split(self._require_fit().block_sizes))
 
     def _sq_norms(self) -> Tensor:
-        self._eigs()
-        return self._cache[1]
+        return self._spectrum()[2]
 
     @property
     def posterior_precision(self) -> DampedKron:
@@ -293,8 +305,12 @@ class KronLaplace:
     def log_det_posterior_precision(self, prior_precision=None, sigma_noise=None) -> Tensor:
         """``log det Lambda = sum_l sum_ij log(c lambda_l,ij + delta_l)`` (float64)."""
         c = self.precision_scale(sigma_noise)
-        deltas = self.block_deltas(prior_precision)
-        return sum(torch.log(c * e + d).sum() for e, d in zip(self._eigs(), deltas, strict=True))
+        d = self.prior_precision if prior_precision is None else prior_precision
+        eigs, block_id, _ = self._spectrum()
+        if d.ndim == 1:
+            self.block_deltas(d)  # validates the length
+            d = d[block_id]
+        return torch.log(c * eigs + d).sum()
 
     def log_det_prior_precision(self, prior_precision=None) -> Tensor:
         """``sum_l P_l log delta_l``."""
