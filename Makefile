@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 SRC := $(wildcard laplace_kron tests experiments benchmarks)
 
-.PHONY: setup demo test test-all lint format experiments benchmarks docs clean
+.PHONY: setup bench-setup demo test test-all lint format benchmarks clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,10 +18,25 @@ $(STAMP): pyproject.toml constraints.txt
 
 setup: $(STAMP)
 
+# laplace-torch is a benchmark / cross-check reference only. Its torchvision dependency has no
+# working CPU build next to torch 2.13 here, so install it without dependencies and remove
+# torchvision (nothing we use needs it).
+ORACLE := $(VENV)/.oracles
+$(ORACLE): $(STAMP)
+	$(PIP) install --quiet -c constraints.txt --no-deps laplace-torch==0.3 asdfghjkl==0.1a4
+	$(PIP) install --quiet -c constraints.txt torchmetrics opt-einsum
+	$(PIP) uninstall --yes --quiet torchvision || true
+	touch $(ORACLE)
+
+bench-setup: $(ORACLE)
+
+benchmarks: $(ORACLE)
+	$(PY) benchmarks/run.py
+
 demo: $(STAMP)
 	$(VENV)/bin/laplace-kron demo
 
-test: $(STAMP)
+test: $(ORACLE)
 	$(PY) -m pytest -q
 
 test-all: $(STAMP)
