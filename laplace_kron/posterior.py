@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 import pickle
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -79,6 +80,8 @@ class KronLaplace:
         curvature: ``"kfac"`` or ``"ekfac"``.
         fisher, mc_samples, weight_sharing, separate_bias, modules, generator: as in
             :func:`laplace_kron.kfac`; ``modules="last_layer"`` gives last-layer Laplace.
+        distributed: ``None`` fits data-parallel when ``torch.distributed`` is initialised
+            (each rank's data is a shard; see docs/distributed.md), ``False`` fits rank-locally.
         prior_precision: ``delta``, a positive scalar or one value per block.
         sigma_noise: observation noise (regression only).
         temperature: ``T``; the curvature (and the log-likelihood) are divided by it.
@@ -103,6 +106,7 @@ class KronLaplace:
         weight_sharing: str = "expand",
         separate_bias: bool = False,
         generator: torch.Generator | None = None,
+        distributed: bool | None = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -120,6 +124,7 @@ class KronLaplace:
         self.weight_sharing = weight_sharing
         self.separate_bias = separate_bias
         self.generator = generator
+        self.distributed = distributed
         self.prior_precision = prior_precision
         self.sigma_noise = sigma_noise
         self.temperature = temperature
@@ -181,6 +186,7 @@ class KronLaplace:
             separate_bias=self.separate_bias,
             modules=self.modules,
             generator=self.generator,
+            distributed=self.distributed,
         )
 
     def fit(
@@ -349,10 +355,9 @@ class KronLaplace:
             prior_precision = torch.as_tensor(prior_precision, dtype=torch.float64)
         if sigma_noise is not None and not isinstance(sigma_noise, Tensor):
             sigma_noise = torch.as_tensor(sigma_noise, dtype=torch.float64)
-        if prior_precision is not None and (prior_precision.detach() <= 0).any():
-            raise ValueError("prior_precision must be positive")
-        if sigma_noise is not None and (sigma_noise.detach() <= 0).any():
-            raise ValueError("sigma_noise must be positive")
+        for name, v in (("prior_precision", prior_precision), ("sigma_noise", sigma_noise)):
+            if v is not None and (not torch.isfinite(v.detach()).all() or (v.detach() <= 0).any()):
+                raise ValueError(f"{name} must be positive and finite, got {v.detach()}")
         return (
             self.log_likelihood(sigma_noise)
             - 0.5 * self.scatter(prior_precision)
@@ -498,6 +503,15 @@ class KronLaplace:
             raise ValueError(f"corrupted laplace_kron state: {e!r}") from e
         if curv.n_params != state["mean"].numel():
             raise ValueError("corrupted laplace_kron state: mean does not match the blocks")
+        params = dict(self.model.named_parameters())
+        current = torch.cat([params[n].detach().reshape(-1).cpu() for n in curv.param_names])
+        if not torch.equal(current.to(state["mean"].dtype), state["mean"].cpu()):
+            warnings.warn(
+                "the model's current parameters differ from the saved posterior mean; the GLM "
+                "predictive linearises at the model's parameters. Load the MAP weights into the "
+                "model first (e.g. model.load_state_dict(...)).",
+                stacklevel=2,
+            )
         self.curvature_type = state["curvature_type"]
         self.fisher = state["fisher"]
         self.curvature = curv
@@ -519,9 +533,13 @@ class KronLaplace:
     def load(cls, path: str | os.PathLike, model: nn.Module, **kwargs) -> KronLaplace:
         """Load a posterior saved with :meth:`save` for ``model``; never executes pickled code."""
         state = _safe_load(path)
-        for key in ("likelihood",):
-            if key not in state:
-                raise ValueError(f"corrupted laplace_kron state: missing {key!r}")
+        if state.get("format") != FORMAT_NAME:
+            raise ValueError(
+                f"{os.fspath(path)!r} is not a laplace_kron.KronLaplace file (missing or wrong "
+                "'format'); was it written by KronLaplace.save?"
+            )
+        if "likelihood" not in state:
+            raise ValueError("corrupted laplace_kron state: missing 'likelihood'")
         kw = dict(
             curvature=state.get("curvature_type", "kfac"),
             fisher=state.get("fisher", "mc"),

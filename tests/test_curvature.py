@@ -9,7 +9,7 @@ from torch import nn
 import laplace_kron as lk
 from laplace_kron.curvature import output_gradient_vectors
 
-torch.set_default_dtype(torch.float64)
+DEFAULT_DTYPE = torch.float64  # applied per test by conftest.py
 
 LIKS = [("classification", 3), ("regression", 2), ("binary", 1)]
 MODELS = [(MLP, (4,)), (CNN, (2, 6, 6))]

@@ -9,7 +9,7 @@ from torch import nn
 
 import laplace_kron as lk
 
-torch.set_default_dtype(torch.float64)
+DEFAULT_DTYPE = torch.float64  # applied per test by conftest.py
 
 
 def _data(lik="classification", d_out=3, n=6):

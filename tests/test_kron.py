@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from laplace_kron.kron import KronBlock, KronCurvature, symeig
 
-torch.set_default_dtype(torch.float64)
+DEFAULT_DTYPE = torch.float64  # applied per test by conftest.py
 
 
 def _psd(d: int, rank: int | None = None, gen=None) -> torch.Tensor:

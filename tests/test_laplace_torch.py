@@ -6,7 +6,7 @@ from _dense import MLP, make_data
 
 import laplace_kron as lk
 
-torch.set_default_dtype(torch.float64)
+DEFAULT_DTYPE = torch.float64  # applied per test by conftest.py
 
 laplace = pytest.importorskip("laplace", reason="laplace-torch is a test-only oracle")
 curvature = pytest.importorskip("laplace.curvature")

@@ -18,13 +18,20 @@ Frobenius-closest matrix to ``sum grad grad^T`` that is diagonal in the KFAC eig
 
 from __future__ import annotations
 
+import glob
+import hashlib
+import math
+import os
+import pickle
 import warnings
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .. import distributed as dist_utils
 from ..kron import KronBlock, KronCurvature
 from .capture import Capture, LayerSpec, select_layers
 from .likelihoods import (
@@ -38,6 +45,9 @@ from .likelihoods import (
 __all__ = ["kfac", "ekfac", "CurvatureFitter"]
 
 WEIGHT_SHARING = ("expand", "reduce")
+CHECKPOINT_FORMAT = "laplace_kron.fit_checkpoint"
+CHECKPOINT_VERSION = 1
+DEFAULT_CHECKPOINT_EVERY = 100
 # Per-example EKFAC projections are built in chunks of at most this many entries.
 _EKFAC_CHUNK = 2**24
 
@@ -78,6 +88,15 @@ def _check_finite_inputs(x, i: int) -> None:
             raise ValueError(f"batch {i}: inputs contain NaN or Inf; clean or impute the data")
 
 
+def _is_empty(y) -> bool:
+    return isinstance(y, Tensor) and y.ndim > 0 and y.shape[0] == 0
+
+
+def _check_finite_targets(y, i: int) -> None:
+    if isinstance(y, Tensor) and y.is_floating_point() and not torch.isfinite(y).all():
+        raise ValueError(f"batch {i}: targets contain NaN or Inf; drop or impute those data points")
+
+
 def _to_device(x, device):
     if isinstance(x, dict):
         return {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in x.items()}
@@ -89,6 +108,24 @@ class CurvatureFitter:
 
     The accumulation state (``A_sum``, ``G_sum``, ``E_sum``, ``num_data``, loss sums) is plain
     tensors so it can be checkpointed and all-reduced across data-parallel ranks.
+
+    **Data-parallel fitting.** When ``torch.distributed`` is initialised with several ranks
+    (``distributed=None``, the default; ``False`` keeps every rank local), each rank's data is a
+    shard: after the KFAC pass ``A_sum``, ``G_sum``, ``N``, loss and sse are all-reduced (SUM), so
+    ``A = A_sum / N`` uses the global ``N``; the EKFAC pass projects onto rank 0's eigenbasis and
+    all-reduces ``E_sum``. MC labels are drawn from :func:`laplace_kron.distributed.rank_generator`
+    (a per-rank stream derived from ``generator``). If a rank fails inside a pass, all ranks raise.
+
+    **Checkpoints.** ``fit_kfac(data, checkpoint=path, checkpoint_every=k)`` saves the accumulated
+    state every ``k`` batches (and at the end of the KFAC pass of an EKFAC fit) atomically (temp
+    file in the same directory, then ``os.replace``): factor sums, EKFAC sums, pass, next batch
+    index, counters and the MC generator state. A later call with the same path and the same model,
+    settings and data order skips the consumed batches (they are still drawn from ``data`` but not
+    processed) and gives exactly the uninterrupted result. The checkpoint is deleted after a
+    successful fit. Under ``torch.distributed`` each rank uses ``<stem>.rank<r><suffix>``.
+    Checkpoints are read with ``torch.load(weights_only=True)`` and must match the covered layers,
+    likelihood, Fisher type, dtype, world size and the model's parameter values (ValueError
+    otherwise); a changed batch order is detected on resume (ValueError).
     """
 
     def __init__(
@@ -101,6 +138,7 @@ class CurvatureFitter:
         separate_bias: bool = False,
         modules: None | str | Sequence = None,
         generator: torch.Generator | None = None,
+        distributed: bool | None = None,
     ):
         check_likelihood(likelihood)
         check_fisher(fisher, mc_samples)
@@ -110,6 +148,8 @@ class CurvatureFitter:
             )
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if distributed not in (None, True, False):
+            raise TypeError(f"distributed must be None, True or False, got {distributed!r}")
         self.model = model
         self.likelihood = likelihood
         self.fisher = fisher
@@ -119,6 +159,9 @@ class CurvatureFitter:
         if generator is None and fisher == "mc":
             generator = torch.Generator().manual_seed(0)
         self.generator = generator
+        self.distributed = distributed
+        self._dist = False
+        self._gen = generator
         p = next(iter(model.parameters()))
         self.dtype, self.device = p.dtype, p.device
         self.reset()
@@ -132,6 +175,10 @@ class CurvatureFitter:
         self.loss = 0.0
         self.sse = 0.0
         self.n_outputs = 0
+        self._failed: str | None = None
+        self._pass_data = 0
+        self._last_batch = None
+        self._resume_fingerprint = None
 
     @property
     def param_names(self) -> list[str]:
@@ -141,6 +188,7 @@ class CurvatureFitter:
     # ------------------------------------------------------------------------- passes
     def _forward(self, x, y, i: int, cap: Capture):
         _check_finite_inputs(x, i)
+        _check_finite_targets(y, i)
         x = _to_device(x, self.device)
         y = y.to(self.device)
         cap.clear()
@@ -154,14 +202,16 @@ class CurvatureFitter:
             )
         fc, yc = prepare_targets(f, y, self.likelihood)
         vectors = output_gradient_vectors(
-            fc, yc, self.likelihood, self.fisher, self.mc_samples, self.generator
+            fc, yc, self.likelihood, self.fisher, self.mc_samples, self._gen
         )
         grads = cap.output_gradients(fc, vectors)
         inputs = [cap.layer_inputs(s) for s in self.specs]
         return fc, yc, inputs, grads
 
     def accumulate_kfac(self, x, y, i: int = 0) -> None:
-        """Add one batch to the KFAC factors (first pass)."""
+        """Add one batch to the KFAC factors (first pass); an empty batch adds nothing."""
+        if _is_empty(y):
+            return
         with Capture(self.specs) as cap:
             fc, yc, inputs, grads = self._forward(x, y, i, cap)
         with torch.no_grad():
@@ -190,6 +240,8 @@ class CurvatureFitter:
 
     def accumulate_ekfac(self, x, y, bases: list[list[KronBlock]], i: int = 0) -> None:
         """Add one batch to the EKFAC eigenvalue corrections (second pass)."""
+        if _is_empty(y):
+            return
         with Capture(self.specs) as cap:
             _, _, inputs, grads = self._forward(x, y, i, cap)
         with torch.no_grad():
@@ -208,7 +260,13 @@ class CurvatureFitter:
     def blocks(self) -> list[list[KronBlock]]:
         """KFAC blocks per layer (a layer has two blocks when weight and bias are separate)."""
         if self.num_data == 0:
-            raise ValueError("no data was seen: the data iterable is empty")
+            if self._failed is not None:
+                raise RuntimeError(
+                    f"the last fit failed ({self._failed}); its partial state was discarded: fit again"
+                )
+            raise ValueError(
+                "no data was seen: the data iterable is empty (or yields only empty batches)"
+            )
         out = []
         params = dict(self.model.named_parameters())
         for li, spec in enumerate(self.specs):
@@ -249,19 +307,286 @@ class CurvatureFitter:
             kind=kind,
         )
 
-    def fit_kfac(self, data: Iterable, progress: bool = False) -> KronCurvature:
+    def fit_kfac(
+        self,
+        data: Iterable,
+        progress: bool = False,
+        checkpoint: str | os.PathLike | None = None,
+        checkpoint_every: int | None = None,
+    ) -> KronCurvature:
+        """One pass over ``data``: KFAC factors ``A = A_sum / N`` and ``G = G_sum``.
+
+        Distributed (see :mod:`laplace_kron.distributed`): each rank's ``data`` is a shard and the
+        sums are all-reduced, so every rank returns the curvature of the union of the shards.
+        ``checkpoint``: a file path; the accumulation is saved every ``checkpoint_every`` batches
+        (default 100) and a new call with the same path resumes from it (see :class:`CurvatureFitter`).
+        """
+        return self._fit("kfac", data, progress, checkpoint, checkpoint_every)
+
+    def fit_ekfac(
+        self,
+        data: Iterable,
+        progress: bool = False,
+        checkpoint: str | os.PathLike | None = None,
+        checkpoint_every: int | None = None,
+    ) -> KronCurvature:
+        """KFAC pass, then a second pass over ``data`` for the eigenvalue corrections ``E``.
+
+        Same arguments as :meth:`fit_kfac`; ``data`` must be re-iterable and yield the same data.
+        """
+        return self._fit("ekfac", data, progress, checkpoint, checkpoint_every)
+
+    # ------------------------------------------------------------------------- fit driver
+    def _fit(self, kind: str, data: Iterable, progress: bool, checkpoint, every) -> KronCurvature:
+        self._dist = self._resolve_distributed()
+        ckpt = _Checkpoint.make(checkpoint, every, self._dist)
         self.reset()
         _check_model_mode(self.model)
-        for i, (x, y) in _iter_batches(data, progress, "KFAC"):
-            self.accumulate_kfac(x, y, i)
-        return self.curvature(self.blocks(), "kfac")
+        try:
+            curv = self._fit_passes(kind, data, progress, ckpt)
+        except BaseException as exc:
+            # Leave nothing that looks fitted: the next blocks() call explains what happened.
+            self.reset()
+            self._failed = f"{type(exc).__name__}: {exc}"
+            raise
+        if ckpt is not None:
+            ckpt.remove()
+        return curv
 
-    def fit_ekfac(self, data: Iterable, progress: bool = False) -> KronCurvature:
-        self.fit_kfac(data, progress)
+    def _resolve_distributed(self) -> bool:
+        if self.distributed is False:
+            return False
+        on = dist_utils.is_distributed()
+        if self.distributed is True and not (
+            torch.distributed.is_available() and torch.distributed.is_initialized()
+        ):
+            raise ValueError(
+                "distributed=True but torch.distributed is not initialised: call "
+                "torch.distributed.init_process_group(...) first (e.g. launch with torchrun)"
+            )
+        return on
+
+    def _local(self, fn):
+        """Run a rank-local phase; if any rank fails, every rank raises (nobody hangs)."""
+        if not self._dist:
+            return fn()
+        try:
+            out = fn()
+        except BaseException:
+            dist_utils.any_rank_failed(True)
+            raise
+        bad = dist_utils.any_rank_failed(False)
+        if bad >= 0:
+            raise RuntimeError(
+                f"the curvature fit failed on rank {bad} (see that rank's error); stopping here too"
+            )
+        return out
+
+    def _fit_passes(self, kind: str, data: Iterable, progress: bool, ckpt) -> KronCurvature:
+        self._gen = dist_utils.rank_generator(self.generator) if self._dist else self.generator
+        settings = self._settings(kind) if ckpt is not None else None
+
+        def first_phase() -> tuple[str, int]:
+            state = ckpt.load() if ckpt is not None else None
+            pass_name, start = "kfac", 0
+            if state is not None:
+                self._restore(state, settings, ckpt.path)
+                pass_name, start = state["pass"], int(state["next_batch"])
+            if pass_name == "kfac":
+                self._run_pass("kfac", data, progress, start, ckpt, settings)
+            return pass_name, start
+
+        pass_name, start = self._local(first_phase)
+        if self._dist:
+            self._check_same_pass(pass_name)
+        if pass_name == "kfac":
+            self._reduce_kfac()
+            start = 0
+            if kind == "ekfac" and ckpt is not None:
+                # The KFAC pass is final (and all-reduced): a crash in pass 2 restarts pass 2 only.
+                self._pass_data, self._last_batch = 0, None
+                ckpt.save(self._checkpoint_state(settings, "ekfac", 0))
         bases = self.blocks()
-        for i, (x, y) in _iter_batches(data, progress, "EKFAC"):
-            self.accumulate_ekfac(x, y, bases, i)
+        if kind == "kfac":
+            return self.curvature(bases, "kfac")
+        self._share_bases(bases)
+        self._local(lambda: self._run_pass("ekfac", data, progress, start, ckpt, settings, bases))
+        self._reduce_ekfac(bases)
         return self.curvature(self.ekfac_blocks(bases), "ekfac")
+
+    def _run_pass(
+        self,
+        pass_name: str,
+        data: Iterable,
+        progress: bool,
+        start: int,
+        ckpt: _Checkpoint | None,
+        settings: dict | None,
+        bases: list[list[KronBlock]] | None = None,
+    ) -> None:
+        """Iterate over ``data``; the first ``start`` batches were consumed before a checkpoint."""
+        if start == 0:
+            self._pass_data, self._last_batch = 0, None
+        saved_count, saved_fp = self._pass_data, self._resume_fingerprint
+        self._pass_data = 0
+        i = -1
+        for i, (x, y) in _iter_batches(data, progress, pass_name.upper()):
+            if i < start:
+                self._pass_data += _batch_size(y)
+                if i == start - 1:
+                    _check_resumed_data(saved_count, self._pass_data, saved_fp, x, y, start)
+                continue
+            if bases is None:
+                self.accumulate_kfac(x, y, i)
+            else:
+                self.accumulate_ekfac(x, y, bases, i)
+            self._pass_data += _batch_size(y)
+            self._last_batch = (x, y)
+            if ckpt is not None and (i + 1) % ckpt.every == 0:
+                ckpt.save(self._checkpoint_state(settings, pass_name, i + 1))
+        if i + 1 < start:
+            raise ValueError(
+                f"the checkpoint says {start} batches of the {pass_name} pass were consumed but the "
+                f"data yields only {i + 1}; resume with the same data or delete the checkpoint"
+            )
+
+    # ------------------------------------------------------------------------- distributed
+    def _check_same_pass(self, pass_name: str) -> None:
+        code = 0.0 if pass_name == "kfac" else 1.0
+        t = torch.tensor([code, -code], dtype=torch.float64)
+        dist_utils.all_reduce_max_([t])
+        if t[0] != -t[1]:
+            raise ValueError(
+                "the ranks' checkpoints are at different passes (some finished the KFAC pass, "
+                "others did not); delete the checkpoints of all ranks and fit again"
+            )
+
+    def _reduce_kfac(self) -> None:
+        """All-reduce ``A_sum``, ``G_sum``, ``N``, loss and sse (ranks without data add zeros)."""
+        if not self._dist:
+            return
+        for li, spec in enumerate(self.specs):
+            kw = {"dtype": self.dtype, "device": self.device}
+            if spec.has_weight and self.A_sum[li] is None:
+                d = spec.d_in + int(spec.joint)
+                self.A_sum[li] = torch.zeros(d, d, **kw)
+            if self.G_sum[li] is None:
+                self.G_sum[li] = torch.zeros(spec.d_out, spec.d_out, **kw)
+        n_out = torch.tensor([float(self.n_outputs)], dtype=torch.float64)
+        dist_utils.all_reduce_max_([n_out])
+        scalars = torch.tensor([self.num_data, self.loss, self.sse], dtype=torch.float64)
+        factors = [t for t in self.A_sum if t is not None] + list(self.G_sum)
+        dist_utils.all_reduce_sum_([*factors, scalars])
+        self.n_outputs = int(n_out.item())
+        self.num_data = int(round(scalars[0].item()))
+        self.loss, self.sse = scalars[1].item(), scalars[2].item()
+
+    def _share_bases(self, bases: list[list[KronBlock]]) -> None:
+        """Give every rank rank 0's eigenbases, so EKFAC projections use one basis everywhere."""
+        if not self._dist:
+            return
+        tensors = []
+        for layer in bases:
+            for b in layer:
+                tensors += [b.eig_G.values, b.eig_G.vectors]
+                if b.A is not None:
+                    tensors += [b.eig_A.values, b.eig_A.vectors]
+        dist_utils.broadcast_(tensors, src=0)
+
+    def _reduce_ekfac(self, bases: list[list[KronBlock]]) -> None:
+        """All-reduce ``E_sum`` and check the second pass saw the same ``N`` as the first."""
+        count = torch.tensor([float(self._pass_data)], dtype=torch.float64)
+        if self._dist:
+            for li, layer in enumerate(bases):
+                if self.E_sum[li] is None:
+                    self.E_sum[li] = [
+                        torch.zeros(b.d_out, b.d_in, dtype=b.dtype, device=b.device) for b in layer
+                    ]
+            dist_utils.all_reduce_sum_([e for es in self.E_sum for e in es] + [count])
+        n2 = int(round(count.item()))
+        if n2 != self.num_data:
+            raise ValueError(
+                f"the EKFAC second pass saw {n2} data points but the KFAC pass {self.num_data}; "
+                "data must be re-iterable and yield the same data twice (not a one-shot iterator)"
+            )
+
+    # ------------------------------------------------------------------------- checkpoints
+    def _settings(self, kind: str) -> dict:
+        """What a checkpoint must match: the fit, the covered layers and the model's values."""
+        return {
+            "kind": kind,
+            "layers": [
+                [s.name, s.weight_name, s.bias_name, s.joint, s.d_in, s.d_out] for s in self.specs
+            ],
+            "likelihood": self.likelihood,
+            "fisher": self.fisher,
+            "mc_samples": self.mc_samples,
+            "weight_sharing": self.weight_sharing,
+            "dtype": str(self.dtype),
+            "world_size": dist_utils.get_world_size() if self._dist else 1,
+            "rank": dist_utils.get_rank() if self._dist else 0,
+            "model_sha256": _model_digest(self.model),
+        }
+
+    def _checkpoint_state(self, settings: dict, pass_name: str, next_batch: int) -> dict:
+        fp = None if self._last_batch is None else _fingerprint(*self._last_batch)
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            "settings": settings,
+            "pass": pass_name,
+            "next_batch": next_batch,
+            "pass_data": self._pass_data,
+            "fingerprint": fp,
+            "A_sum": list(self.A_sum),
+            "G_sum": list(self.G_sum),
+            "E_sum": [None if e is None else list(e) for e in self.E_sum],
+            "num_data": self.num_data,
+            "loss": self.loss,
+            "sse": self.sse,
+            "n_outputs": self.n_outputs,
+            "generator_state": None if self._gen is None else self._gen.get_state(),
+        }
+
+    def _restore(self, state: dict, settings: dict, path: str) -> None:
+        """Load a checkpoint's accumulation after checking it belongs to this fit."""
+        saved = state.get("settings")
+        if not isinstance(saved, dict):
+            raise ValueError(f"checkpoint {path!r} is corrupted: no settings")
+        what = {
+            "layers": "covered layers (names, weight/bias, sizes): it belongs to another model",
+            "model_sha256": "model parameters: the model changed since the checkpoint was written",
+        }
+        for key, value in settings.items():
+            if saved.get(key) != value:
+                reason = what.get(key, f"{key}: saved {saved.get(key)!r}, now {value!r}")
+                raise ValueError(
+                    f"checkpoint {path!r} was written for a different fit ({reason}); delete it "
+                    "or pass another checkpoint path"
+                )
+        try:
+            n = len(self.specs)
+            if state["pass"] not in ("kfac", "ekfac") or not all(
+                len(state[k]) == n for k in ("A_sum", "G_sum", "E_sum")
+            ):
+                raise ValueError("inconsistent layer lists")
+            dev = self.device
+            self.A_sum = [None if t is None else t.to(dev) for t in state["A_sum"]]
+            self.G_sum = [None if t is None else t.to(dev) for t in state["G_sum"]]
+            self.E_sum = [None if e is None else [t.to(dev) for t in e] for e in state["E_sum"]]
+            self.num_data = int(state["num_data"])
+            self.loss, self.sse = float(state["loss"]), float(state["sse"])
+            self.n_outputs = int(state["n_outputs"])
+            self._pass_data = int(state["pass_data"])
+            self._resume_fingerprint = state["fingerprint"]
+            gen_state = state["generator_state"]
+            if self._gen is not None:
+                if gen_state is None:
+                    raise ValueError("no generator state")
+                self._gen.set_state(gen_state)
+        except (KeyError, TypeError, AttributeError, ValueError, RuntimeError) as e:
+            self.reset()
+            raise ValueError(f"checkpoint {path!r} is corrupted ({e}); delete it") from e
 
     def ekfac_blocks(self, bases: list[list[KronBlock]]) -> list[list[KronBlock]]:
         out = []
@@ -269,6 +594,12 @@ class CurvatureFitter:
             E = self.E_sum[li]
             if E is None:
                 raise ValueError("EKFAC second pass saw no data: the data iterable is exhausted")
+            for b, e in zip(layer, E, strict=True):
+                if not torch.isfinite(e).all():
+                    raise ValueError(
+                        f"block {b.param_names}: EKFAC eigenvalues contain NaN or Inf (overflow in "
+                        "the activations or gradients); check the inputs' scale"
+                    )
             out.append([b.with_eigenvalues(e) for b, e in zip(layer, E, strict=True)])
         return out
 
@@ -290,12 +621,127 @@ def _ekfac_corrections(a: Tensor, g: Tensor, block: KronBlock) -> Tensor:
     return out
 
 
+@dataclass
+class _Checkpoint:
+    """Where and how often a fit saves its accumulation (one file per rank when distributed)."""
+
+    path: str
+    every: int
+
+    @classmethod
+    def make(cls, checkpoint, every: int | None, distributed: bool) -> _Checkpoint | None:
+        if checkpoint is None:
+            if every is not None:
+                raise ValueError("checkpoint_every is given but checkpoint (a file path) is not")
+            return None
+        if not isinstance(checkpoint, (str, os.PathLike)):
+            raise TypeError(f"checkpoint must be a file path, got {type(checkpoint).__name__}")
+        every = DEFAULT_CHECKPOINT_EVERY if every is None else every
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"checkpoint_every must be a positive integer, got {every!r}")
+        path = os.fspath(checkpoint)
+        if distributed:
+            root, ext = os.path.splitext(path)
+            path = f"{root}.rank{dist_utils.get_rank()}{ext}"
+        if os.path.isdir(path):
+            raise ValueError(f"checkpoint {path!r} is a directory; give a file path")
+        return cls(path, every)
+
+    def load(self) -> dict | None:
+        """The saved state, ``None`` if there is no file; never executes pickled code."""
+        if not os.path.exists(self.path):
+            return None
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise ValueError(
+                f"refusing to load checkpoint {self.path!r}: it is not made of tensors and plain "
+                f"data only (a foreign, tampered or corrupted file: {e}); nothing was executed"
+            ) from e
+        except (RuntimeError, EOFError, OSError, ValueError) as e:
+            raise ValueError(f"cannot read checkpoint {self.path!r}: {e}") from e
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{self.path!r} is not a laplace_kron fit checkpoint")
+        if state.get("version") != CHECKPOINT_VERSION:
+            raise ValueError(
+                f"checkpoint {self.path!r} has version {state.get('version')!r}, this "
+                f"laplace_kron reads version {CHECKPOINT_VERSION}"
+            )
+        return state
+
+    def save(self, state: dict) -> None:
+        """Write to a temp file next to the target, fsync, then atomically rename."""
+        tmp = f"{self.path}.tmp-{os.getpid()}"
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    def remove(self) -> None:
+        """Delete the checkpoint and temp files left by killed writers (``<path>.tmp-<pid>``)."""
+        for f in [self.path, *glob.glob(glob.escape(self.path) + ".tmp-*")]:
+            if os.path.exists(f):
+                os.remove(f)
+
+
+def _batch_size(y) -> int:
+    return int(y.shape[0]) if isinstance(y, Tensor) and y.ndim else len(y)
+
+
+def _fingerprint(x, y) -> list[float]:
+    """Sizes and float64 sums of a batch's tensors: detects a changed batch order on resume."""
+    tensors = [*(x.values() if isinstance(x, dict) else [x]), y]
+    out = []
+    for t in tensors:
+        if isinstance(t, Tensor):
+            d = t.detach().to(torch.float64)
+            out += [float(t.numel()), float(d.sum()), float(d.abs().sum())]
+    return out
+
+
+def _check_resumed_data(
+    saved_count: int, count: int, saved_fp: list[float] | None, x, y, start: int
+) -> None:
+    fp = _fingerprint(x, y)
+    same = (
+        saved_count == count
+        and saved_fp is not None
+        and len(fp) == len(saved_fp)
+        and all(math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12) for a, b in zip(fp, saved_fp))
+    )
+    if not same:
+        raise ValueError(
+            f"resuming from a checkpoint after {start} batches, but the data does not yield the "
+            "same batches in the same order (a shuffling DataLoader? use shuffle=False or a seeded "
+            "sampler), or it is different data; delete the checkpoint to start over"
+        )
+
+
+def _model_digest(model: nn.Module) -> str:
+    """SHA-256 of the model's parameters and buffers (names, dtypes, shapes and values)."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        if not isinstance(t, Tensor):
+            continue
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def _fit(kind: str, model, data, likelihood, **kw) -> KronCurvature:
     progress = kw.pop("progress", False)
+    checkpoint = kw.pop("checkpoint", None)
+    every = kw.pop("checkpoint_every", None)
     fitter = CurvatureFitter(model, likelihood, **kw)
     if kind == "kfac":
-        return fitter.fit_kfac(data, progress)
-    return fitter.fit_ekfac(data, progress)
+        return fitter.fit_kfac(data, progress, checkpoint, every)
+    return fitter.fit_ekfac(data, progress, checkpoint, every)
 
 
 def kfac(
@@ -309,6 +755,9 @@ def kfac(
     modules: None | str | Sequence = None,
     progress: bool = False,
     generator: torch.Generator | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int | None = None,
+    distributed: bool | None = None,
 ) -> KronCurvature:
     """KFAC approximation of the GGN / Fisher of the summed negative log-likelihood.
 
@@ -325,6 +774,10 @@ def kfac(
         modules: ``None`` (all layers), ``"last_layer"`` or a list of names / modules.
         progress: show a tqdm progress bar.
         generator: random generator for the MC Fisher (default: seeded with 0, reproducible).
+        checkpoint: file to save the accumulation to every ``checkpoint_every`` batches (default
+            100) and to resume from; deleted after success (see :class:`CurvatureFitter`).
+        distributed: ``None`` (all-reduce across ranks when ``torch.distributed`` is initialised
+            with several ranks), ``True`` (require it) or ``False`` (rank-local fit).
 
     Returns:
         A :class:`~laplace_kron.kron.KronCurvature`; ``to_dense()`` orders rows by
@@ -342,6 +795,9 @@ def kfac(
         modules=modules,
         progress=progress,
         generator=generator,
+        checkpoint=checkpoint,
+        checkpoint_every=checkpoint_every,
+        distributed=distributed,
     )
 
 
@@ -356,6 +812,9 @@ def ekfac(
     modules: None | str | Sequence = None,
     progress: bool = False,
     generator: torch.Generator | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int | None = None,
+    distributed: bool | None = None,
 ) -> KronCurvature:
     """EKFAC: the KFAC eigenbasis with eigenvalues corrected by a second pass over ``data``.
 
@@ -373,4 +832,7 @@ def ekfac(
         modules=modules,
         progress=progress,
         generator=generator,
+        checkpoint=checkpoint,
+        checkpoint_every=checkpoint_every,
+        distributed=distributed,
     )
