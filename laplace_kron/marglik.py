@@ -50,9 +50,11 @@ def optimize_prior_precision(
     grid: Sequence[float] | Tensor | None = None,
     tol: float = 1e-6,
     optimizer: str = "lbfgs",
-    **predict_kwargs,
+    predict_kwargs: dict | None = None,
 ) -> dict:
     """Set ``la.prior_precision`` (and ``la.sigma_noise``) to the tuned values.
+
+    ``predict_kwargs`` are passed to ``la.predict`` by grid search (e.g. ``{"link": "mc"}``).
 
     Returns ``{"method", "iterations", "converged", "log_marglik", "prior_precision",
     "sigma_noise", "seconds"}`` (plus ``"val_nll"`` per grid point for grid search).
@@ -78,7 +80,7 @@ def optimize_prior_precision(
             raise ValueError("gridsearch supports granularity='scalar' only")
         if tune_sigma_noise:
             raise ValueError("gridsearch tunes the prior precision only")
-        report = _gridsearch(la, val_loader, grid, **predict_kwargs)
+        report = _gridsearch(la, val_loader, grid, **(predict_kwargs or {}))
     with torch.no_grad():
         report["log_marglik"] = float(la.log_marginal_likelihood())
     report["prior_precision"] = la.prior_precision.clone()

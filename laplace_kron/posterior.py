@@ -376,7 +376,7 @@ class KronLaplace:
         grid: Sequence[float] | Tensor | None = None,
         tol: float = 1e-6,
         optimizer: str = "lbfgs",
-        **predict_kwargs,
+        predict_kwargs: dict | None = None,
     ) -> dict:
         """Tune the prior precision (and ``sigma_noise``); see :mod:`laplace_kron.marglik`.
 
@@ -395,7 +395,7 @@ class KronLaplace:
             grid=grid,
             tol=tol,
             optimizer=optimizer,
-            **predict_kwargs,
+            predict_kwargs=predict_kwargs,
         )
 
     # ------------------------------------------------------------------ sampling
