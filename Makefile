@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 SRC := $(wildcard laplace_kron tests experiments benchmarks)
 
-.PHONY: setup bench-setup demo test test-all lint format benchmarks clean
+.PHONY: setup bench-setup demo test test-all lint format benchmarks docs clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -52,3 +52,6 @@ format: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
+
+docs: $(STAMP)
+	$(PY) docs/gen_api.py

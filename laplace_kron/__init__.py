@@ -1,9 +1,18 @@
 """laplace_kron: scalable Kronecker-factored Laplace approximations for PyTorch."""
 
+from .continual import OnlineLaplace
 from .curvature import ekfac, kfac
 from .kron import KronBlock, KronCurvature
 from .posterior import KronLaplace
 
 __version__ = "0.1.0"
 
-__all__ = ["KronBlock", "KronCurvature", "KronLaplace", "ekfac", "kfac", "__version__"]
+__all__ = [
+    "KronBlock",
+    "KronCurvature",
+    "KronLaplace",
+    "OnlineLaplace",
+    "ekfac",
+    "kfac",
+    "__version__",
+]

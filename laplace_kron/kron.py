@@ -104,37 +104,45 @@ class KronBlock:
     # ----------------------------------------------------------------------------- shapes
     @property
     def d_out(self) -> int:
+        """Output size (rows of the block's matrix view)."""
         return self.G.shape[0]
 
     @property
     def d_in(self) -> int:
+        """Input size (columns of the matrix view, including a joint bias column)."""
         return 1 if self.A is None else self.A.shape[0]
 
     @property
     def n_params(self) -> int:
+        """Number of parameters covered, ``d_out * d_in``."""
         return self.d_out * self.d_in
 
     @property
     def dtype(self) -> torch.dtype:
+        """Dtype of the factors."""
         return self.G.dtype
 
     @property
     def device(self) -> torch.device:
+        """Device of the factors."""
         return self.G.device
 
     @property
     def is_ekfac(self) -> bool:
+        """Whether the eigenvalues are EKFAC corrections."""
         return self.eigenvalues is not None
 
     # ----------------------------------------------------------------------------- eigen
     @property
     def eig_G(self) -> Eigen:
+        """Eigendecomposition of ``G`` (computed once, float64, clamped PSD)."""
         if self._eig_G is None:
             self._eig_G = symeig(self.G)
         return self._eig_G
 
     @property
     def eig_A(self) -> Eigen:
+        """Eigendecomposition of ``A`` (``[[1]]`` for a bias-only block)."""
         if self._eig_A is None:
             if self.A is None:
                 one = torch.ones(1, 1, dtype=self.dtype, device=self.device)
@@ -346,10 +354,12 @@ class KronCurvature:
 
     @property
     def n_params(self) -> int:
+        """Total number of covered parameters ``P``."""
         return sum(b.n_params for b in self.blocks)
 
     @property
     def block_sizes(self) -> list[int]:
+        """Number of parameters per block."""
         return [b.n_params for b in self.blocks]
 
     def block_index(self, block: KronBlock) -> Tensor:
@@ -406,6 +416,7 @@ class KronCurvature:
         return sum(b.logdet(scale, d) for b, d in zip(self.blocks, deltas, strict=True))
 
     def trace(self, scale=1.0, delta=0.0) -> Tensor:
+        """``tr(scale * H + delta)``."""
         deltas = _per_block(delta, len(self.blocks))
         return sum(b.trace(scale, d) for b, d in zip(self.blocks, deltas, strict=True))
 

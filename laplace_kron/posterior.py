@@ -158,6 +158,7 @@ class KronLaplace:
 
     @property
     def sigma_noise(self) -> Tensor:
+        """Observation noise ``sigma`` (regression), a 0-d float64 tensor."""
         return self._sigma_noise
 
     @sigma_noise.setter
@@ -169,6 +170,7 @@ class KronLaplace:
 
     @property
     def temperature(self) -> float:
+        """Temperature ``T``: the curvature and log-likelihood are divided by it."""
         return self._temperature
 
     @temperature.setter
@@ -229,18 +231,22 @@ class KronLaplace:
     # ------------------------------------------------------------------ basic quantities
     @property
     def param_names(self) -> list[str]:
+        """Covered parameter names; the order of :attr:`mean` and of samples."""
         return self._require_fit().param_names
 
     @property
     def n_params(self) -> int:
+        """Number of covered parameters ``P``."""
         return self._require_fit().n_params
 
     @property
     def num_data(self) -> int:
+        """Number of data points ``N`` the posterior was fitted on."""
         return self._require_fit().num_data
 
     @property
     def n_blocks(self) -> int:
+        """Number of Kronecker blocks (the length of a per-layer prior precision)."""
         return len(self._require_fit().blocks)
 
     def precision_scale(self, sigma_noise: Tensor | None = None) -> Tensor:

@@ -1,0 +1,100 @@
+"""Generate docs/api.md from the docstrings (offline; standard library + the package only).
+
+Run: ``.venv/bin/python docs/gen_api.py`` (``make docs``). The test suite checks that the
+committed docs/api.md is up to date.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import sys
+from pathlib import Path
+
+MODULES = [
+    "laplace_kron",
+    "laplace_kron.kron",
+    "laplace_kron.curvature.kfac",
+    "laplace_kron.curvature.capture",
+    "laplace_kron.curvature.likelihoods",
+    "laplace_kron.posterior",
+    "laplace_kron.marglik",
+    "laplace_kron.predictive",
+    "laplace_kron.metrics",
+    "laplace_kron.plots",
+    "laplace_kron.continual",
+    "laplace_kron.distributed",
+    "laplace_kron.datasets",
+]
+
+
+def _signature(obj) -> str:
+    try:
+        return str(inspect.signature(obj))
+    except (TypeError, ValueError):
+        return "(...)"
+
+
+def _doc(obj) -> str:
+    return inspect.cleandoc(obj.__doc__ or "(no docstring)")
+
+
+def _public_methods(cls) -> list[tuple[str, object]]:
+    out = []
+    for name, member in cls.__dict__.items():
+        if name.startswith("_"):
+            continue
+        if isinstance(member, property):
+            out.append((name, member))
+        elif inspect.isfunction(member) or isinstance(member, (classmethod, staticmethod)):
+            out.append((name, getattr(cls, name)))
+    return out
+
+
+def render() -> str:
+    lines = [
+        "# API reference",
+        "",
+        "Generated from the docstrings by `docs/gen_api.py`; do not edit by hand.",
+        "",
+    ]
+    for mod_name in MODULES:
+        mod = importlib.import_module(mod_name)
+        lines += [f"## `{mod_name}`", "", _doc(mod).split("\n\n")[0], ""]
+        if mod_name == "laplace_kron":
+            lines += ["Exports: " + ", ".join(f"`{n}`" for n in mod.__all__), ""]
+            continue
+        for name in getattr(mod, "__all__", []):
+            obj = getattr(mod, name)
+            if inspect.isclass(obj):
+                lines += [f"### class `{name}{_signature(obj)}`", "", _doc(obj), ""]
+                for mname, member in _public_methods(obj):
+                    if isinstance(member, property):
+                        lines += [f"- **`{mname}`** (property): {_doc(member).splitlines()[0]}"]
+                    else:
+                        first = _doc(member).splitlines()[0]
+                        lines += [f"- **`{mname}{_signature(member)}`**: {first}"]
+                lines.append("")
+            elif callable(obj):
+                lines += [f"### `{name}{_signature(obj)}`", "", _doc(obj), ""]
+            else:
+                lines += [f"### `{name}` = `{obj!r}`", ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    path = Path(__file__).with_name("api.md")
+    text = render()
+    if "--check" in argv:
+        if not path.exists() or path.read_text() != text:
+            print("docs/api.md is out of date: run `make docs`", file=sys.stderr)
+            return 1
+        return 0
+    path.write_text(text)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
