@@ -1,0 +1,670 @@
+r"""Predictive distributions of a :class:`~laplace_kron.KronLaplace` posterior.
+
+**GLM (linearized) predictive.** Linearizing the network at the MAP ``theta*``,
+
+    f(x; theta) ~= f(x; theta*) + J(x) (theta - theta*),   theta ~ N(theta*, Sigma)
+
+gives ``f(x) ~ N(f(x; theta*), J(x) Sigma J(x)^T)`` with ``J(x) [C, P]``. ``Sigma`` is block
+diagonal; a block of the layer ``y_t = W a_t (+ b)`` (``T`` shared positions ``t``) is
+
+    Sigma_l = (Q_G (x) Q_A) diag(1 / (c lambda + delta_l)) (Q_G (x) Q_A)^T
+
+(``c = 1 / (T_temp sigma^2)``, ``lambda`` the KFAC or EKFAC eigenvalues ``[d_out, d_in]``). The
+Jacobian of output ``k`` w.r.t. ``W`` is ``J_k = sum_t g_{k,t} a_t^T`` with ``g_{k,t}`` the
+gradient of ``f_k`` w.r.t. the layer output at position ``t``. In the eigenbasis
+``Jhat_k = Q_G^T J_k Q_A = sum_t ghat_{k,t} ahat_t^T`` (``ghat = g Q_G``, ``ahat = a Q_A``), so
+
+    (J Sigma J^T)_{kk'} = sum_l sum_{ij} Jhat_k[i, j] Jhat_k'[i, j] / (c lambda_ij + delta_l).
+
+For ``T = 1`` (fully connected layers) ``Jhat_k = ghat_k ahat^T`` is rank one and
+
+    (J Sigma J^T)_{kk'} = sum_i ghat_{k,i} ghat_{k',i} w_i,   w_i = sum_j ahat_j^2 / (c lambda_ij + delta)
+
+costs ``O(d_in^2 + d_out d_in + C^2 d_out)`` per input and never forms a Jacobian. For ``T > 1``
+(convolutions, sequences) the projected per-example Jacobian ``[b, k, d_out, d_in]`` is built in
+tiles of inputs ``b`` and outputs ``k`` bounded by ``chunk_size`` elements. The output-gradients
+``g`` come from one backward pass per output through the captured graph. A jointly treated bias is
+the last input column (input 1); a separate bias block has ``A = [[1]]`` and input ``ahat = 1``.
+
+**Links** (classification, ``mu = f(x; theta*)``, ``S = J Sigma J^T``):
+
+* ``probit``: ``softmax(mu_k / sqrt(1 + pi/8 S_kk))`` (extended probit; binary: sigmoid probit);
+* ``mc``: ``mean_s softmax(f_s)``, ``f_s ~ N(mu, S)``;
+* ``bridge``: Laplace bridge (Hobbhahn et al., 2022). The logit Gaussian is first conditioned on
+  ``sum_k f_k = 0`` (softmax is shift invariant): ``mu <- mu - S 1 (1^T mu) / (1^T S 1)``,
+  ``S <- S - S 1 1^T S / (1^T S 1)``; then normalised so that the mean variance is ``sqrt(K/2)``:
+  ``r = mean_k S_kk / sqrt(K/2)``, ``mu <- mu / sqrt(r)``, ``s_k = S_kk / r``; then
+  ``alpha_k = (1 - 2/K + exp(mu_k) / K^2 sum_l exp(-mu_l)) / s_k`` and the prediction is the
+  Dirichlet mean ``alpha / sum_k alpha_k`` (computed in log space).
+
+**Sampling predictives.** ``glm_mc``: ``f(x; theta*) + J(x) (theta_s - theta*)`` with ``theta_s``
+from :meth:`KronLaplace.sample`, one forward-mode JVP (``torch.func.jvp``) per sample; ``nn``:
+``f(x; theta_s)`` via ``torch.func.functional_call`` (the model's parameters are never modified).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, jvp, vmap
+
+from .curvature.capture import Capture, LayerSpec, flatten_output
+from .kron import KronBlock
+
+if TYPE_CHECKING:
+    from .posterior import KronLaplace
+
+__all__ = [
+    "METHODS",
+    "LINKS",
+    "functional_covariance",
+    "functional_variance",
+    "glm_moments",
+    "predict",
+    "predictive_samples",
+    "probit",
+    "laplace_bridge",
+]
+
+METHODS = ("glm", "glm_mc", "nn")
+LINKS = ("probit", "mc", "bridge")
+# Default budget (number of tensor elements) for the largest intermediate of one tile.
+DEFAULT_CHUNK = 2**22
+
+Inputs = Tensor | Mapping[str, Any]
+BatchSizeFn = Callable[[Any], int]
+
+
+# --------------------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------------------
+
+
+def _tensors(x: Inputs) -> list[Tensor]:
+    return [v for v in x.values() if isinstance(v, Tensor)] if isinstance(x, Mapping) else [x]
+
+
+def _check_inputs(x: Inputs) -> None:
+    if not isinstance(x, (Tensor, Mapping)):
+        raise TypeError(
+            f"inputs must be a torch.Tensor or a mapping of tensors (e.g. a tokenizer batch), got "
+            f"{type(x).__name__}"
+        )
+    tensors = _tensors(x)
+    if not tensors:
+        raise ValueError("the input mapping contains no tensors")
+    for t in tensors:
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise ValueError(
+                "inputs contain NaN or Inf; clean or impute the data before predicting"
+            )
+
+
+def _batch_size(x: Inputs, batch_size_fn: BatchSizeFn | None) -> int:
+    """Number of data points in ``x``: ``batch_size_fn(x)``, ``x.shape[0]``, or the common leading
+    dimension of a mapping's tensors."""
+    if batch_size_fn is not None:
+        B = batch_size_fn(x)
+        if not isinstance(B, int) or B < 0:
+            raise ValueError(f"batch_size_fn must return a non-negative int, got {B!r}")
+    elif isinstance(x, Tensor):
+        if x.ndim == 0:
+            raise ValueError("inputs must have a leading batch dimension, got a 0-d tensor")
+        B = x.shape[0]
+    else:
+        sizes = {t.shape[0] for t in _tensors(x) if t.ndim > 0}
+        if len(sizes) != 1:
+            raise ValueError(
+                f"cannot infer the batch size of a mapping whose tensors have leading dimensions "
+                f"{sorted(sizes)}; pass batch_size_fn=lambda batch: <number of data points>"
+            )
+        B = sizes.pop()
+    if B == 0:
+        raise ValueError("the input batch is empty")
+    return B
+
+
+def _slice(x: Inputs, start: int, stop: int, B: int) -> Inputs:
+    """Rows ``start:stop`` of ``x`` (mapping: every tensor whose leading dimension is ``B``)."""
+    if start == 0 and stop == B:
+        return x
+    if isinstance(x, Tensor):
+        return x[start:stop]
+    out = {
+        k: (v[start:stop] if isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] == B else v)
+        for k, v in x.items()
+    }
+    if type(x) is dict:
+        return out
+    try:
+        return type(x)(out)
+    except TypeError:
+        return out
+
+
+def _forward(model: nn.Module, x: Inputs, B: int) -> Tensor:
+    f = model(x)
+    if not isinstance(f, Tensor):
+        raise TypeError(
+            f"the model must return a tensor, got {type(f).__name__}; wrap it so that it returns "
+            "the logits / outputs"
+        )
+    if f.ndim == 0 or f.shape[0] != B:
+        raise ValueError(
+            f"the model output has shape {tuple(f.shape)} but the inputs hold {B} data points; "
+            "pass batch_size_fn= if the batch size is not the leading input dimension"
+        )
+    return f
+
+
+def _check_model(la: KronLaplace) -> None:
+    la._require_fit()
+    stochastic = [
+        n
+        for n, m in la.model.named_modules()
+        if m.training and isinstance(m, (nn.Dropout, nn.modules.batchnorm._BatchNorm))
+    ]
+    if stochastic:
+        warnings.warn(
+            f"model is in train mode with dropout/batch-norm layers ({', '.join(stochastic[:5])}); "
+            "predictions will be stochastic. Call model.eval() before predicting.",
+            stacklevel=4,
+        )
+
+
+def _validate(method: str, link: str, n_samples: int, chunk_size: int) -> None:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if link not in LINKS:
+        raise ValueError(f"link must be one of {LINKS}, got {link!r}")
+    if not isinstance(n_samples, int) or isinstance(n_samples, bool) or n_samples < 1:
+        raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
+    _check_chunk(chunk_size)
+
+
+def _check_autograd(what: str) -> None:
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            f"{what} differentiates the network and cannot run inside torch.inference_mode(); "
+            "call it outside (torch.no_grad() is fine) or use method='nn'"
+        )
+
+
+def _check_chunk(chunk_size: int) -> None:
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# GLM moments in the Kronecker eigenbasis
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Plan:
+    """A block, the index of its layer in the capture, and its damping."""
+
+    block: KronBlock
+    layer: int
+    scale: Tensor
+    delta: Tensor
+
+    def inv_eigvals(self) -> Tensor:
+        """``1 / (c lambda + delta)`` ``[d_out, d_in]`` (one temporary of the block's size)."""
+        lam = self.block.eigvals()
+        return (lam * self.scale).add_(self.delta).reciprocal_()
+
+
+def _plans(la: KronLaplace) -> tuple[list[LayerSpec], list[_Plan]]:
+    curv = la._require_fit()
+    specs = la._make_fitter().specs
+    owner = {}
+    for i, s in enumerate(specs):
+        for n in (s.weight_name, s.bias_name):
+            if n is not None:
+                owner[n] = i
+    dtype = curv.blocks[0].dtype
+    scale = la.precision_scale().to(dtype)
+    plans = []
+    for b, d in zip(curv.blocks, la.block_deltas(), strict=True):
+        layers = {owner.get(n) for n in b.param_names}
+        if len(layers) != 1 or None in layers:
+            raise RuntimeError(
+                f"block {b.param_names} does not match the layers this posterior covers; was the "
+                "model changed after fitting?"
+            )
+        plans.append(_Plan(b, layers.pop(), scale, d.to(dtype)))
+    return specs, plans
+
+
+def _check_at_mean(la: KronLaplace) -> None:
+    params = dict(la.model.named_parameters())
+    start = 0
+    for n in la.param_names:
+        p = params[n]
+        k = p.numel()
+        if not torch.equal(p.detach().reshape(-1), la.mean[start : start + k].to(p.device)):
+            warnings.warn(
+                f"the model's parameter {n!r} differs from the posterior mean it was fitted at; the "
+                "predictive linearizes at the model's current parameters",
+                stacklevel=4,
+            )
+            return
+        start += k
+
+
+def _per_example_elements(la: KronLaplace, specs: list[LayerSpec], x: Inputs, B: int) -> int:
+    """Elements held per input: output-gradients of all outputs plus layer inputs (one probe)."""
+    one = _slice(x, 0, 1, B)
+    with torch.no_grad(), Capture(specs) as cap:
+        f = _forward(la.model, one, 1)
+        C = f[0].numel()
+        total = 0
+        for s in specs:
+            T = sum(flatten_output(s.module, o).shape[1] for o in s.outputs)
+            total += T * (C * s.d_out + 2 * (s.d_in + 1)) + C * C
+        cap.clear()
+    return max(total, 1)
+
+
+def _block_moments(
+    plan: _Plan, a: Tensor, g: Tensor, diag: bool, chunk_size: int, linv: Tensor
+) -> Tensor:
+    """One block's contribution to ``J Sigma J^T``: ``[b, C]`` (``diag``) or ``[b, C, C]``.
+
+    ``a [b, T, d_in]`` layer inputs (without a ones column unless the bias is joint),
+    ``g [C, b, T, d_out]`` output-gradients, ``linv [d_out, d_in]`` inverse damped eigenvalues.
+    """
+    blk = plan.block
+    ghat = g @ blk.eig_G.vectors.to(g.dtype)  # [C, b, T, d_out]
+    C, b, T, d_out = ghat.shape
+    if blk.A is None:
+        ahat = a.new_ones(b, T, 1)
+    else:
+        ahat = a @ blk.eig_A.vectors.to(a.dtype)  # [b, T, d_in]
+    d_in = ahat.shape[-1]
+    if T == 1:
+        gh = ghat[:, :, 0].transpose(0, 1)  # [b, C, d_out]
+        w = ahat[:, 0].square() @ linv.T  # [b, d_out]
+        if diag:
+            return (gh.square() * w.unsqueeze(1)).sum(-1)
+        return (gh * w.unsqueeze(1)) @ gh.transpose(1, 2)
+    if d_in == 1:  # bias block (input 1): Jhat_k = sum_t ghat_{k,t}
+        J = torch.einsum("cbti,bt->bci", ghat, ahat[..., 0])
+        lv = linv[:, 0]
+        if diag:
+            return (J.square() * lv).sum(-1)
+        return (J * lv) @ J.transpose(1, 2)
+    k = max(1, min(C, chunk_size // max(1, b * d_out * d_in)))
+
+    def tile(c0: int) -> Tensor:  # projected Jacobian [b, k, d_out, d_in]
+        return torch.einsum("cbti,btj->bcij", ghat[c0 : c0 + k], ahat)
+
+    if diag:
+        out = ghat.new_empty(b, C)
+        for c0 in range(0, C, k):
+            J = tile(c0)
+            out[:, c0 : c0 + k] = (J.square_() * linv).sum((-2, -1))
+        return out
+    out = ghat.new_empty(b, C, C)
+    for c0 in range(0, C, k):
+        J1 = tile(c0)
+        Jw = (J1 * linv).flatten(2)
+        for c1 in range(c0, C, k):
+            J2 = J1 if c1 == c0 else tile(c1)
+            blk_cov = Jw @ J2.flatten(2).transpose(1, 2)  # [b, k, k']
+            out[:, c0 : c0 + k, c1 : c1 + k] = blk_cov
+            if c1 != c0:
+                out[:, c1 : c1 + k, c0 : c0 + k] = blk_cov.transpose(1, 2)
+    return out
+
+
+def _output_gradients(
+    cap: Capture, specs: list[LayerSpec], f: Tensor, vectorize: bool
+) -> tuple[list[Tensor], bool]:
+    """Gradients of every output ``f[:, k]`` w.r.t. each layer's outputs: per layer
+    ``[C, b, T, d_out]``. One vmapped backward pass (``is_grads_batched``) when ``vectorize``,
+    else (or if vmap fails) one backward pass per output. Returns whether vmap worked."""
+    b, C = f.shape
+    vectors = torch.eye(C, dtype=f.dtype, device=f.device).unsqueeze(1).expand(C, b, C)
+    if vectorize:
+        outs = [o for s in specs for o in s.outputs]
+        try:
+            grads = torch.autograd.grad(
+                f, outs, vectors, retain_graph=True, allow_unused=True, is_grads_batched=True
+            )
+        except (RuntimeError, NotImplementedError) as e:
+            warnings.warn(
+                f"batched backward (vmap) failed ({e}); using one backward pass per output. Pass "
+                "vectorize=False to skip the attempt.",
+                stacklevel=4,
+            )
+        else:
+            result, i = [], 0
+            for s in specs:
+                gs = []
+                for o in s.outputs:
+                    g = grads[i]
+                    g = o.new_zeros(C, *o.shape) if g is None else g
+                    gs.append(flatten_output(s.module, g.flatten(0, 1)).unflatten(0, (C, -1)))
+                    i += 1
+                result.append(torch.cat(gs, dim=2))
+            return result, True
+    return cap.output_gradients(f, vectors), False
+
+
+def glm_moments(
+    la: KronLaplace,
+    x: Inputs,
+    diag: bool = False,
+    chunk_size: int = DEFAULT_CHUNK,
+    batch_size: int | None = None,
+    batch_size_fn: BatchSizeFn | None = None,
+    vectorize: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """MAP outputs and their GLM covariance in one pass.
+
+    Returns ``f [B, C]`` (the model output flattened per datum, ``C = 1`` for ``[B]`` outputs) and
+    ``J Sigma J^T`` as ``[B, C, C]`` (or its diagonal ``[B, C]`` if ``diag``), detached.
+    Inputs are processed in chunks of ``batch_size`` (default: as many as fit the budget
+    ``chunk_size`` elements for the output-gradients of all ``C`` outputs); projected Jacobian
+    tiles of convolutions / sequences are kept below ``chunk_size`` elements. ``vectorize``: one
+    batched (vmapped) backward pass for all outputs instead of one per output.
+    """
+    f, S, _ = _glm(la, x, diag, chunk_size, batch_size, batch_size_fn, vectorize)
+    return f, S
+
+
+def _glm(
+    la: KronLaplace,
+    x: Inputs,
+    diag: bool,
+    chunk_size: int,
+    batch_size: int | None,
+    batch_size_fn: BatchSizeFn | None,
+    vectorize: bool = True,
+) -> tuple[Tensor, Tensor, torch.Size]:
+    """:func:`glm_moments` plus the model output shape ``[B, ...]``."""
+    _check_model(la)
+    _check_autograd("the GLM predictive")
+    _check_inputs(x)
+    _check_chunk(chunk_size)
+    B = _batch_size(x, batch_size_fn)
+    specs, plans = _plans(la)
+    _check_at_mean(la)
+    if batch_size is None:
+        batch_size = max(1, chunk_size // _per_example_elements(la, specs, x, B))
+    elif not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    fs, covs, tail = [], [], None
+    for start in range(0, B, batch_size):
+        stop = min(B, start + batch_size)
+        xb = _slice(x, start, stop, B)
+        with torch.enable_grad(), Capture(specs) as cap:
+            f = _forward(la.model, xb, stop - start)
+            tail = f.shape[1:]
+            f2 = f.reshape(stop - start, -1)
+            if not torch.isfinite(f2).all():
+                raise ValueError("the network output contains NaN or Inf for finite inputs")
+            grads, vectorize = _output_gradients(cap, specs, f2, vectorize)
+            inputs = [cap.layer_inputs(s) for s in specs]
+            cap.clear()
+        with torch.no_grad():
+            acc = None
+            for plan in plans:
+                # Layer inputs carry a ones column exactly when the block holds a joint bias.
+                a, g = inputs[plan.layer], grads[plan.layer]
+                part = _block_moments(plan, a, g, diag, chunk_size, plan.inv_eigvals())
+                acc = part if acc is None else acc.add_(part)
+            fs.append(f2.detach())
+            covs.append(acc)
+            del grads, inputs
+    return torch.cat(fs), torch.cat(covs), torch.Size((B, *tail))
+
+
+def functional_covariance(
+    la: KronLaplace,
+    x: Inputs,
+    chunk_size: int = DEFAULT_CHUNK,
+    batch_size: int | None = None,
+    batch_size_fn: BatchSizeFn | None = None,
+    vectorize: bool = True,
+) -> Tensor:
+    """GLM output covariance ``J(x) Sigma J(x)^T`` ``[B, C, C]``, layer by layer in the Kronecker
+    eigenbasis without forming ``J`` (see the module docstring)."""
+    return glm_moments(la, x, False, chunk_size, batch_size, batch_size_fn, vectorize)[1]
+
+
+def functional_variance(
+    la: KronLaplace,
+    x: Inputs,
+    chunk_size: int = DEFAULT_CHUNK,
+    batch_size: int | None = None,
+    batch_size_fn: BatchSizeFn | None = None,
+    vectorize: bool = True,
+) -> Tensor:
+    """Diagonal of :func:`functional_covariance`, ``[B, C]``: ``sum_ij Jhat_k[i,j]^2 / L_ij``."""
+    return glm_moments(la, x, True, chunk_size, batch_size, batch_size_fn, vectorize)[1]
+
+
+# --------------------------------------------------------------------------------------------------
+# Links
+# --------------------------------------------------------------------------------------------------
+
+
+def probit(mean: Tensor, var: Tensor, binary: bool = False) -> Tensor:
+    """Extended probit approximation ``softmax(mean / sqrt(1 + pi/8 var))`` over the last axis
+    (``binary``: ``sigmoid``) for ``mean, var [..., C]``."""
+    kappa = torch.rsqrt(1 + math.pi / 8 * var)
+    return torch.sigmoid(kappa * mean) if binary else torch.softmax(kappa * mean, dim=-1)
+
+
+def laplace_bridge(mean: Tensor, cov: Tensor, normalize: bool = True) -> Tensor:
+    """Laplace-bridge predictive (Dirichlet mean) for logits ``N(mean [B, K], cov [B, K, K])``.
+
+    The Gaussian is conditioned on ``sum_k f_k = 0`` and (``normalize``) rescaled so that its
+    mean variance is ``sqrt(K / 2)`` before ``alpha_k = (1 - 2/K + e^{mu_k} sum_l e^{-mu_l} / K^2)
+    / s_k``; returns ``alpha / sum(alpha)`` ``[B, K]``.
+    """
+    K = mean.shape[-1]
+    if K < 2:
+        raise ValueError("the Laplace bridge needs at least 2 classes; use link='probit'")
+    ones_s = cov.sum(-1)  # S 1, [B, K]
+    tot = ones_s.sum(-1, keepdim=True)  # 1^T S 1
+    ok = tot > 0
+    safe = torch.where(ok, tot, torch.ones_like(tot))
+    mu = torch.where(ok, mean - ones_s * mean.sum(-1, keepdim=True) / safe, mean)
+    var = cov.diagonal(dim1=-2, dim2=-1)
+    var = torch.where(ok, var - ones_s.square() / safe, var)
+    tiny = torch.finfo(var.dtype).tiny
+    var = var.clamp_min(tiny)
+    if normalize:
+        r = (var.mean(-1, keepdim=True) / math.sqrt(K / 2)).clamp_min(tiny)
+        mu = mu / r.sqrt()
+        var = var / r
+    lse = torch.logsumexp(-mu, dim=-1, keepdim=True)
+    base = math.log(1 - 2 / K) if K > 2 else -math.inf
+    log_alpha = torch.logaddexp(torch.full_like(mu, base), mu + lse - 2 * math.log(K))
+    return torch.softmax(log_alpha - var.log(), dim=-1)
+
+
+def _gaussian_samples(
+    mean: Tensor, cov: Tensor, n: int, generator: torch.Generator | None
+) -> Tensor:
+    """``n`` samples of ``N(mean [B, C], cov [B, C, C])`` (PSD square root by eigh): ``[n, B, C]``."""
+    evals, evecs = torch.linalg.eigh(cov)
+    root = evecs * evals.clamp_min(0).sqrt().unsqueeze(-2)
+    z = torch.randn(n, *mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
+    return mean + torch.einsum("bij,nbj->nbi", root, z)
+
+
+# --------------------------------------------------------------------------------------------------
+# Sampling predictives
+# --------------------------------------------------------------------------------------------------
+
+
+def _unflatten(la: KronLaplace, vec: Tensor) -> dict[str, Tensor]:
+    params = dict(la.model.named_parameters())
+    out, start = {}, 0
+    for n in la.param_names:
+        p = params[n]
+        out[n] = vec[start : start + p.numel()].view_as(p)
+        start += p.numel()
+    return out
+
+
+def _sample_chunks(la: KronLaplace, n: int, generator, k: int):
+    """Posterior samples ``[<=k, P]`` in chunks of at most ``k`` (at least 1)."""
+    k = max(1, min(n, k))
+    for s in range(0, n, k):
+        yield la.sample(min(k, n - s), generator=generator)
+
+
+def predictive_samples(
+    la: KronLaplace,
+    x: Inputs,
+    method: str = "glm",
+    n_samples: int = 100,
+    generator: torch.Generator | None = None,
+    chunk_size: int = DEFAULT_CHUNK,
+    batch_size_fn: BatchSizeFn | None = None,
+    vectorize: bool = True,
+) -> Tensor:
+    """Output samples ``[n_samples, B, C]`` (logits / regression means, before the link).
+
+    ``glm``: from ``N(f(x; theta*), J Sigma J^T)``; ``glm_mc``: ``f(x; theta*) + J(x) (theta_s -
+    theta*)`` by forward-mode JVP; ``nn``: ``f(x; theta_s)`` by functional call.
+    """
+    _validate(method, "probit", n_samples, chunk_size)
+    return _samples(la, x, method, n_samples, generator, chunk_size, batch_size_fn, vectorize)[0]
+
+
+def _samples(
+    la: KronLaplace,
+    x: Inputs,
+    method: str,
+    n_samples: int,
+    generator: torch.Generator | None,
+    chunk_size: int,
+    batch_size_fn: BatchSizeFn | None,
+    vectorize: bool = True,
+) -> tuple[Tensor, torch.Size]:
+    """:func:`predictive_samples` plus the model output shape ``[B, ...]``."""
+    if method == "glm":
+        mean, cov, shape = _glm(la, x, False, chunk_size, None, batch_size_fn, vectorize)
+        return _gaussian_samples(mean, cov, n_samples, generator), shape
+    _check_model(la)
+    if method == "glm_mc":
+        _check_autograd("method='glm_mc'")
+    _check_inputs(x)
+    B = _batch_size(x, batch_size_fn)
+    model = la.model
+    params = dict(model.named_parameters())
+    mean_params = {n: params[n].detach() for n in la.param_names}
+
+    def call(p: dict[str, Tensor]) -> Tensor:
+        return functional_call(model, p, (x,))
+
+    def one(theta: Tensor) -> Tensor:  # theta [P] -> output of one sample
+        if method == "glm_mc":
+            f0, jv = jvp(call, (mean_params,), (_unflatten(la, theta - la.mean),))
+            return f0 + jv
+        return call(_unflatten(la, theta))
+
+    with torch.no_grad():
+        f = _forward(model, _slice(x, 0, 1, B), 1)  # validates the output, gives its shape
+        shape = torch.Size((B, *f.shape[1:]))
+        per_sample = max(la.n_params, B * f[0].numel())
+        outs, batched = [], vectorize
+        for thetas in _sample_chunks(la, n_samples, generator, chunk_size // per_sample):
+            if batched:
+                try:
+                    outs.append(vmap(one)(thetas).reshape(len(thetas), B, -1))
+                    continue
+                except (RuntimeError, NotImplementedError) as e:
+                    warnings.warn(
+                        f"torch.func.vmap over posterior samples failed ({e}); falling back to one "
+                        "forward pass per sample. Pass vectorize=False to skip the attempt.",
+                        stacklevel=3,
+                    )
+                    batched = False
+            outs.extend(one(theta).reshape(1, B, -1) for theta in thetas)
+    return torch.cat(outs), shape
+
+
+# --------------------------------------------------------------------------------------------------
+# predict
+# --------------------------------------------------------------------------------------------------
+
+
+def predict(
+    la: KronLaplace,
+    x: Inputs,
+    method: str = "glm",
+    link: str = "probit",
+    n_samples: int = 100,
+    generator: torch.Generator | None = None,
+    batch_size_fn: BatchSizeFn | None = None,
+    chunk_size: int = DEFAULT_CHUNK,
+    batch_size: int | None = None,
+    vectorize: bool = True,
+):
+    """Posterior predictive of ``la`` at inputs ``x``.
+
+    Args:
+        x: a tensor ``[B, ...]`` or a mapping of tensors passed to the model as ``model(x)``.
+        method: ``"glm"`` (linearized, closed-form covariance), ``"glm_mc"`` (linearized model at
+            posterior samples, forward-mode JVPs) or ``"nn"`` (network at posterior samples).
+        link: for ``glm`` classification: ``"probit"``, ``"mc"`` (``n_samples`` logit samples) or
+            ``"bridge"`` (Laplace bridge; not for binary). Ignored by the sampling methods.
+        n_samples: samples for ``link="mc"``, ``glm_mc`` and ``nn``.
+        generator: random generator for all sampling.
+        batch_size_fn: number of data points of a mapping batch (default: the common leading size).
+        chunk_size: element budget of the largest intermediate tile; ``batch_size``: input chunk.
+        vectorize: use ``torch.func.vmap``: one batched backward pass for all outputs (``glm``),
+            chunks of samples per call (``glm_mc`` / ``nn``); falls back to loops, with a warning,
+            for models vmap cannot trace.
+
+    Returns:
+        classification: probabilities ``[B, C]``; binary: ``P(y=1)`` ``[B]``; regression: ``(mean,
+        var)`` in the model's output shape with ``var = functional variance + sigma_noise^2``.
+    """
+    _validate(method, link, n_samples, chunk_size)
+    la._require_fit()
+    lik = la.likelihood
+    if lik == "binary" and link == "bridge" and method == "glm":
+        raise ValueError("link='bridge' needs several classes; for binary use 'probit' or 'mc'")
+    if method == "glm":
+        full = lik == "classification" and link in ("mc", "bridge")
+        mu, S, shape = _glm(la, x, not full, chunk_size, batch_size, batch_size_fn, vectorize)
+        B = shape[0]
+        if lik == "regression":
+            var = S + la.sigma_noise.to(S.dtype) ** 2
+            return mu.reshape(shape), var.reshape(shape)
+        if lik == "binary":
+            mu, var = mu.reshape(B), S.reshape(B)
+            if link == "probit":
+                return probit(mu, var, binary=True)
+            z = torch.randn(n_samples, B, generator=generator, dtype=mu.dtype).to(mu.device)
+            return torch.sigmoid(mu + var.sqrt() * z).mean(0)
+        if link == "probit":
+            return probit(mu, S)
+        if link == "bridge":
+            return laplace_bridge(mu, S)
+        return torch.softmax(_gaussian_samples(mu, S, n_samples, generator), -1).mean(0)
+    samples, shape = _samples(
+        la, x, method, n_samples, generator, chunk_size, batch_size_fn, vectorize
+    )
+    if lik == "classification":
+        return torch.softmax(samples, -1).mean(0)
+    if lik == "binary":
+        return torch.sigmoid(samples).mean(0).reshape(shape[0])
+    mean = samples.mean(0)
+    var = samples.var(0, correction=0) + la.sigma_noise.to(samples.dtype) ** 2
+    return mean.reshape(shape), var.reshape(shape)

@@ -1,0 +1,89 @@
+"""Smoke tests: every experiment script runs end to end in ``--quick`` mode and writes its table
+(markdown + JSON) and figures."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
+
+
+def _load(study: str):
+    """Import ``experiments/<study>.py`` under a private name (its helpers via ``sys.path``)."""
+    if str(EXPERIMENTS) not in sys.path:
+        sys.path.insert(0, str(EXPERIMENTS))
+    spec = importlib.util.spec_from_file_location(
+        f"_experiment_{study}", EXPERIMENTS / f"{study}.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(study: str, tmp_path: Path, figures: list[str], extra: list[str] | None = None) -> dict:
+    out = tmp_path / study
+    result = _load(study).main(["--quick", "--out", str(out), *(extra or [])])
+    md = (out / f"{study}.md").read_text()
+    assert md.startswith("# ") and "|---" in md
+    data = json.loads((out / f"{study}.json").read_text())
+    assert data["config"]["quick"] is True
+    for name in figures:
+        png = out / name
+        assert png.exists() and png.stat().st_size > 1000, name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return {"result": result, "json": data, "md": md}
+
+
+def _means(summary: list[dict], key: str, **where) -> list[float]:
+    return [r[key]["mean"] for r in summary if all(r[k] == v for k, v in where.items())]
+
+
+def test_regression_quick(tmp_path):
+    run = _run("regression", tmp_path, ["toy_band.png"])
+    summary = run["json"]["summary"]
+    methods = {r["method"] for r in summary}
+    assert {"MAP (sigma: val)", "LA KFAC"} <= methods
+    for r in summary:
+        assert r["nll"]["mean"] == pytest.approx(r["nll"]["mean"])  # finite
+        assert 0.0 <= r["cov95"]["mean"] <= 1.0
+    # the Laplace band widens in the gap: better gap NLL than MAP with a training-fit noise
+    gap_map = _means(summary, "nll_gap", data="toy", method="MAP (sigma: train)")[0]
+    gap_la = _means(summary, "nll_gap", data="toy", method="LA KFAC")[0]
+    assert gap_la < gap_map
+
+
+def test_two_moons_quick(tmp_path):
+    run = _run("two_moons", tmp_path, ["confidence_map.png"])
+    summary = run["json"]["summary"]
+    far_map = _means(summary, "conf_r20", method="MAP")[0]
+    far_la = _means(summary, "conf_r20", method="LA KFAC (GLM)")[0]
+    assert far_la < far_map
+
+
+def test_model_selection_quick(tmp_path):
+    run = _run("model_selection", tmp_path, ["evidence_grid.png", "evidence_vs_nll.png"])
+    sel = run["json"]["selection"]
+    assert -1.0 <= sel["spearman_nll_la"]["mean"] <= 1.0
+    assert len(run["json"]["summary"]) == 4  # 2 widths x 2 priors
+
+
+def test_calibration_shift_quick(tmp_path):
+    figs = ["accuracy_vs_angle.png", "ece_vs_angle.png", "nll_vs_angle.png", "reliability_0deg.png"]
+    run = _run("calibration_shift", tmp_path, figs)
+    angles = {r["angle"] for r in run["json"]["summary"]}
+    assert angles == {0.0, 90.0}
+    assert "Temp. scaling" in run["md"] and "KFAC GLM" in run["md"]
+
+
+def test_ood_detection_quick(tmp_path):
+    figs = ["confidence_hist_patches.png", "confidence_hist_heldout.png"]
+    run = _run("ood_detection", tmp_path, figs)
+    sets = {r["ood"] for r in run["json"]["summary"]}
+    assert sets == {"patches", "noise", "held-out classes"}
+    for r in run["json"]["summary"]:
+        assert 0.0 <= r["auroc_maxprob"]["mean"] <= 1.0
