@@ -29,6 +29,9 @@ the last input column (input 1); a separate bias block has ``A = [[1]]`` and inp
 **Links** (classification, ``mu = f(x; theta*)``, ``S = J Sigma J^T``):
 
 * ``probit``: ``softmax(mu_k / sqrt(1 + pi/8 S_kk))`` (extended probit; binary: sigmoid probit);
+* ``centered_probit``: the probit of the projection ``P f``, ``P = I - 1 1^T / C``: softmax is
+  shift invariant, so ``E[softmax(f)] = E[softmax(P f)]`` exactly, but the probit approximation
+  is not; projecting first removes the shared-shift variance it would otherwise count;
 * ``mc``: ``mean_s softmax(f_s)``, ``f_s ~ N(mu, S)``;
 * ``bridge``: Laplace bridge (Hobbhahn et al., 2022). The logit Gaussian is first conditioned on
   ``sum_k f_k = 0`` (softmax is shift invariant): ``mu <- mu - S 1 (1^T mu) / (1^T S 1)``,
@@ -69,11 +72,12 @@ __all__ = [
     "predict",
     "predictive_samples",
     "probit",
+    "centered_probit",
     "laplace_bridge",
 ]
 
 METHODS = ("glm", "glm_mc", "nn")
-LINKS = ("probit", "mc", "bridge")
+LINKS = ("probit", "centered_probit", "mc", "bridge")
 # Default budget (number of tensor elements) for the largest intermediate of one tile.
 DEFAULT_CHUNK = 2**22
 
@@ -465,6 +469,22 @@ def probit(mean: Tensor, var: Tensor, binary: bool = False) -> Tensor:
     return torch.sigmoid(kappa * mean) if binary else torch.softmax(kappa * mean, dim=-1)
 
 
+def centered_probit(mean: Tensor, cov: Tensor) -> Tensor:
+    """Extended probit on the logit Gaussian projected onto the sum-zero subspace.
+
+    ``softmax`` is invariant to a shift shared by all logits, so ``E[softmax(f)]`` is the same for
+    ``f ~ N(mean, cov)`` and for its projection ``P f`` with ``P = I - 1 1^T / C``. The probit
+    approximation is not shift invariant; applying it to ``N(P mean, P cov P)`` discards the
+    shared-shift variance that cannot change the prediction (it is invariant to
+    ``cov + a 1 1^T``). ``mean [..., C]``, ``cov [..., C, C]`` -> probabilities ``[..., C]``.
+    """
+    C = mean.shape[-1]
+    row = cov.sum(-1)  # cov 1
+    total = row.sum(-1, keepdim=True)  # 1^T cov 1
+    var = cov.diagonal(dim1=-2, dim2=-1) - 2 * row / C + total / C**2
+    return probit(mean - mean.mean(-1, keepdim=True), var.clamp_min(0))
+
+
 def laplace_bridge(mean: Tensor, cov: Tensor, normalize: bool = True) -> Tensor:
     """Laplace-bridge predictive (Dirichlet mean) for logits ``N(mean [B, K], cov [B, K, K])``.
 
@@ -621,8 +641,10 @@ def predict(
         x: a tensor ``[B, ...]`` or a mapping of tensors passed to the model as ``model(x)``.
         method: ``"glm"`` (linearized, closed-form covariance), ``"glm_mc"`` (linearized model at
             posterior samples, forward-mode JVPs) or ``"nn"`` (network at posterior samples).
-        link: for ``glm`` classification: ``"probit"``, ``"mc"`` (``n_samples`` logit samples) or
-            ``"bridge"`` (Laplace bridge; not for binary). Ignored by the sampling methods.
+        link: for ``glm`` classification: ``"probit"``, ``"centered_probit"`` (probit after
+            removing the logit variance shared by all classes, which softmax ignores),
+            ``"mc"`` (``n_samples`` logit samples) or ``"bridge"`` (Laplace bridge; not for
+            binary). Ignored by the sampling methods.
         n_samples: samples for ``link="mc"``, ``glm_mc`` and ``nn``.
         generator: random generator for all sampling.
         batch_size_fn: number of data points of a mapping batch (default: the common leading size).
@@ -641,7 +663,7 @@ def predict(
     if lik == "binary" and link == "bridge" and method == "glm":
         raise ValueError("link='bridge' needs several classes; for binary use 'probit' or 'mc'")
     if method == "glm":
-        full = lik == "classification" and link in ("mc", "bridge")
+        full = lik == "classification" and link in ("mc", "bridge", "centered_probit")
         mu, S, shape = _glm(la, x, not full, chunk_size, batch_size, batch_size_fn, vectorize)
         B = shape[0]
         if lik == "regression":
@@ -649,7 +671,7 @@ def predict(
             return mu.reshape(shape), var.reshape(shape)
         if lik == "binary":
             mu, var = mu.reshape(B), S.reshape(B)
-            if link == "probit":
+            if link in ("probit", "centered_probit"):  # one logit: nothing to centre
                 return probit(mu, var, binary=True)
             z = torch.randn(n_samples, B, generator=generator, dtype=mu.dtype).to(mu.device)
             return torch.sigmoid(mu + var.sqrt() * z).mean(0)
@@ -657,6 +679,8 @@ def predict(
             return probit(mu, S)
         if link == "bridge":
             return laplace_bridge(mu, S)
+        if link == "centered_probit":
+            return centered_probit(mu, S)
         return torch.softmax(_gaussian_samples(mu, S, n_samples, generator), -1).mean(0)
     samples, shape = _samples(
         la, x, method, n_samples, generator, chunk_size, batch_size_fn, vectorize

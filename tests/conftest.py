@@ -1,6 +1,10 @@
 import pytest
 import torch
 
+# Tests use small tensors: one thread avoids OpenMP oversubscription on small shared CPUs
+# (measured 100x slowdowns of small ops with 2 threads on a loaded 2-core machine).
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seed_and_dtype(request):

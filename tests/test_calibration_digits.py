@@ -9,6 +9,8 @@ same accuracy. With the prior tuned on held-out data instead, the Laplace predic
 MAP on the clean test split. The tests assert exactly these three statements.
 """
 
+import contextlib
+
 import pytest
 import torch
 from sklearn.datasets import load_digits
@@ -16,6 +18,25 @@ from torch import nn
 
 import laplace_kron as lk
 from laplace_kron import metrics
+
+
+@contextlib.contextmanager
+def single_thread():
+    """Small problems: one intra-op thread is as fast when the machine is idle and avoids the
+    100x slowdown of OpenMP spin-waiting when the cores are shared; also fixes the float32
+    reduction order, so the trained network (and the numbers in docs/) are reproducible."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with single_thread():
+        yield
 
 
 def _shifted(x: torch.Tensor, kind: str, g: torch.Generator) -> torch.Tensor:
@@ -84,7 +105,8 @@ def test_laplace_keeps_accuracy_and_lowers_confidence_in_distribution(digits_set
 
 def test_validation_tuned_prior_beats_map_in_distribution(digits_setup):
     """With the prior precision tuned on held-out data instead of by marglik, the GLM probit
-    predictive beats the MAP on the clean test split too (5/5 seeds tried; NLL -15..20%)."""
+    predictive beats the MAP on the clean test split too (NLL -15..20% for 6/6 initialisation
+    seeds tried, ECE lower for 5/6; this is seed 0)."""
     model, la, _, x_te, y_te, _ = digits_setup
     x_val, y_val, x_test, y_test = x_te[:300], y_te[:300], x_te[300:], y_te[300:]
     marglik_delta = la.prior_precision
@@ -104,6 +126,7 @@ def test_validation_tuned_prior_beats_map_in_distribution(digits_setup):
 if __name__ == "__main__":  # prints the table quoted in docs/predictive.md
     import time
 
+    torch.set_num_threads(1)
     for modules in (None, "last_layer"):
         t0 = time.perf_counter()
         model, la, _, x_te, y_te, train_loss = _setup(modules)
@@ -130,3 +153,18 @@ if __name__ == "__main__":  # prints the table quoted in docs/predictive.md
                     f"| {kind} | {label} | {m['accuracy']:.3f} | {m['nll']:.3f} | "
                     f"{m['ece']:.3f} | {m['brier']:.3f} |"
                 )
+        # Prior tuned on the first 300 test digits, evaluated on the other 497.
+        x_val, y_val, x_test, y_test = x_te[:300], y_te[:300], x_te[300:], y_te[300:]
+        with torch.no_grad():
+            rows = [("MAP", torch.softmax(model(x_test), -1))]
+        rows.append((f"marglik prior {float(la.prior_precision):.3g}", la.predict(x_test)))
+        grid = torch.logspace(0, 4, 17, dtype=torch.float64)
+        la.optimize_prior_precision(method="gridsearch", val_loader=[(x_val, y_val)], grid=grid)
+        rows.append((f"validation prior {float(la.prior_precision):.3g}", la.predict(x_test)))
+        print("\n| clean test (497) | accuracy | NLL | ECE | Brier |\n|---|---|---|---|---|")
+        for label, p in rows:
+            m = metrics.classification_report(p, y_test)
+            print(
+                f"| {label} | {m['accuracy']:.3f} | {m['nll']:.3f} | {m['ece']:.3f} | "
+                f"{m['brier']:.3f} |"
+            )

@@ -16,6 +16,15 @@ from laplace_kron import predictive as pred
 DT = torch.float64
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny problems: one intra-op thread avoids OpenMP spin-waiting on shared cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _fit(
     arch="mlp",
     likelihood="classification",
@@ -106,6 +115,23 @@ def test_sequence_model_with_weight_tying_matches_dense(weight_sharing):
         dense, _ = _dense_cov(la, model, x[:4])
         assert rel_err(la.functional_covariance(x[:4]), dense) < 1e-8
         assert rel_err(la.functional_covariance(x[:4], chunk_size=3), dense) < 1e-8
+
+
+@pytest.mark.parametrize("weight_sharing", ["expand", "reduce"])
+def test_conv1d_matches_dense(weight_sharing):
+    model = nn.Sequential(
+        nn.Conv1d(2, 3, 3, padding=1, stride=2),  # 9 -> 5 positions
+        nn.Tanh(),
+        nn.Conv1d(3, 4, 2, dilation=2),  # 5 -> 3 positions
+        nn.Flatten(),
+        nn.Linear(12, 3),
+    )
+    la, model, x, _ = _fit(
+        model=model, x_shape=(2, 9), curvature="ekfac", weight_sharing=weight_sharing
+    )
+    dense, _ = _dense_cov(la, model, x[:4])
+    assert rel_err(la.functional_covariance(x[:4]), dense) < 1e-8
+    assert rel_err(la.functional_covariance(x[:4], chunk_size=5), dense) < 1e-8
 
 
 def test_output_shapes_regression_and_binary():
@@ -415,3 +441,19 @@ def test_agrees_with_laplace_torch():
         for link, lt_link in (("probit", "probit"), ("bridge", "bridge_norm")):
             expected = lt(xt, pred_type="glm", link_approx=lt_link)
             torch.testing.assert_close(la.predict(xt, link=link), expected, rtol=1e-9, atol=1e-12)
+
+
+def test_centered_probit_ignores_shared_logit_shift_and_matches_projection():
+    from laplace_kron.predictive import centered_probit, probit
+
+    g = torch.Generator().manual_seed(0)
+    mu = torch.randn(4, 5, generator=g, dtype=torch.float64)
+    X = torch.randn(4, 5, 5, generator=g, dtype=torch.float64)
+    S = X @ X.transpose(1, 2)
+    P = torch.eye(5, dtype=torch.float64) - 1 / 5
+    ref = probit(mu @ P, (P @ S @ P).diagonal(dim1=1, dim2=2))
+    torch.testing.assert_close(centered_probit(mu, S), ref)
+    ones = torch.ones(5, 5, dtype=torch.float64)
+    shifted = centered_probit(mu + 3.0, S + 7.0 * ones)
+    torch.testing.assert_close(shifted, ref)  # invariant, unlike the plain probit
+    assert (probit(mu, (S + 7.0 * ones).diagonal(dim1=1, dim2=2)) - ref).abs().max() > 1e-3
