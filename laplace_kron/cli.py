@@ -103,10 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--link",
-        choices=["probit", "mc", "bridge"],
-        default="mc",
-        help="link of the glm predictive: logits sampled from their Gaussian (mc), mean-field "
-        "probit or Laplace bridge (default: mc)",
+        choices=["probit", "centered_probit", "mc", "bridge"],
+        default="centered_probit",
+        help="link of the glm predictive: probit of the sum-zero projected logits "
+        "(centered_probit, default), logits sampled from their Gaussian (mc), probit, or "
+        "Laplace bridge",
     )
     demo.add_argument(
         "--samples",

@@ -14,12 +14,12 @@ Everything runs offline on data that ships with scikit-learn:
 Choices (see the docstring of :func:`run_demo`): the weight decay ``1e-2`` of the mean loss is the
 prior precision ``delta = 1e-2 * N ~ 12.6`` of the summed loss, about where the evidence puts it,
 so the MAP and the tuned posterior belong to the same model. The Fisher is the exact GGN
-(``fisher="exact"``), so the curvature carries no Monte-Carlo noise. The GLM predictive is
-integrated by sampling the logits from their full Gaussian (``link="mc"``, 200 samples, seeded):
-the mean-field probit link uses only the per-class variances and ignores that much of the logit
-covariance is a shift common to all classes, to which the softmax is invariant, so on this model
-it is markedly less confident than the GLM predictive it approximates (``--link probit`` to
-compare).
+(``fisher="exact"``), so the curvature carries no Monte-Carlo noise. The GLM predictive uses the
+``centered_probit`` link: the plain probit uses the per-class variances and so counts the part of
+the logit covariance that is a shift common to all classes, to which the softmax is invariant; on
+this model that makes it markedly less confident than the GLM predictive it approximates.
+Projecting the logit Gaussian onto the sum-zero subspace first removes that part, is
+deterministic, and matches the sampled ``mc`` link here (``--link probit`` / ``mc`` to compare).
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from . import __version__, metrics, plots
 from .datasets import load_digits_split, make_loader, ood_digits_like, rotate_images, train_map
 from .posterior import KronLaplace
+from .predictive import LINKS
 
 __all__ = [
     "DEFAULT_VARIANTS",
@@ -85,7 +86,7 @@ class DemoConfig:
     quick: bool = False
     epochs: int | None = None  # default: 30 (quick: 4)
     method: str = "glm"
-    link: str = "mc"
+    link: str = "centered_probit"
     n_samples: int = 200  # samples of the mc link and of the sampling predictives
     progress: bool = True
     threads: int | None = 1  # torch CPU threads during the run (None: leave torch's setting)
@@ -110,8 +111,8 @@ class DemoConfig:
             raise ValueError(f"epochs must be a positive integer, got {epochs}")
         if self.method not in ("glm", "glm_mc", "nn"):
             raise ValueError(f"method must be 'glm', 'glm_mc' or 'nn', got {self.method!r}")
-        if self.link not in ("probit", "mc", "bridge"):
-            raise ValueError(f"link must be 'probit', 'mc' or 'bridge', got {self.link!r}")
+        if self.link not in LINKS:
+            raise ValueError(f"link must be one of {LINKS}, got {self.link!r}")
         if self.n_samples < 1:
             raise ValueError(f"n_samples must be a positive integer, got {self.n_samples}")
         if self.threads is not None and self.threads < 1:
@@ -222,7 +223,7 @@ def run_demo(
     quick: bool = False,
     epochs: int | None = None,
     method: str = "glm",
-    link: str = "mc",
+    link: str = "centered_probit",
     progress: bool = True,
     verbose: bool = True,
     **options: Any,

@@ -137,7 +137,7 @@ def test_cli_forwards_arguments(monkeypatch, tmp_path):
     assert cli.main(["demo"]) == 0
     assert seen["variants"] == list(demo.DEFAULT_VARIANTS) and seen["out"] == "demo_output"
     assert seen["quick"] is False and seen["epochs"] is None and seen["threads"] == 1
-    assert seen["method"] == "glm" and seen["link"] == "mc"
+    assert seen["method"] == "glm" and seen["link"] == "centered_probit"
 
 
 def test_cli_demo_quick_runs(tmp_path, capsys):
