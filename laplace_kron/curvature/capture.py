@@ -158,6 +158,10 @@ def select_layers(
     return specs
 
 
+# Convolutions with at most this many input channels are unfolded with a one-hot convolution.
+_CONV_UNFOLD_MAX_CHANNELS = 4
+
+
 def unfold_input(module: nn.Module, x: Tensor) -> Tensor:
     """Layer input -> ``[B, T, d_in]`` rows ``a`` with ``output = W a (+ b)`` at each position."""
     if isinstance(module, nn.Linear):
@@ -173,7 +177,16 @@ def unfold_input(module: nn.Module, x: Tensor) -> Tensor:
             module.padding,
             module.stride,
         )
-    patches = F.unfold(x, kernel, dilation=dil, padding=pad, stride=stride)  # [B, d_in, T]
+    C = x.shape[1]
+    if C <= _CONV_UNFOLD_MAX_CHANNELS:
+        # im2col is pathologically slow for few input channels (measured 3x single-threaded and
+        # 40x with two contended threads for C = 1); a convolution with one-hot kernels yields
+        # the same patches in the same (channel-major) order through the fast conv kernels.
+        n = C * kernel[0] * kernel[1]
+        eye = torch.eye(n, dtype=x.dtype, device=x.device).reshape(n, C, *kernel)
+        patches = F.conv2d(x, eye, stride=stride, padding=pad, dilation=dil).flatten(2)
+    else:
+        patches = F.unfold(x, kernel, dilation=dil, padding=pad, stride=stride)  # [B, d_in, T]
     return patches.transpose(1, 2)
 
 
@@ -182,6 +195,10 @@ def flatten_output(module: nn.Module, y: Tensor) -> Tensor:
     if isinstance(module, nn.Linear):
         return y.reshape(y.shape[0], -1, y.shape[-1])
     return y.flatten(2).transpose(1, 2)
+
+
+def _cat1(parts: list[Tensor]) -> Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
 class Capture:
@@ -213,10 +230,12 @@ class Capture:
             spec.inputs.clear()
             spec.outputs.clear()
 
-    def layer_inputs(self, spec: LayerSpec) -> Tensor:
-        """``[B, T, d_in (+1)]`` unfolded inputs of all calls, with a ones column if joint."""
-        a = torch.cat([unfold_input(spec.module, x) for x in spec.inputs], dim=1)
-        if spec.joint:
+    def layer_inputs(self, spec: LayerSpec, augment: bool = True) -> Tensor:
+        """``[B, T, d_in (+1)]`` unfolded inputs of all calls, with a ones column if joint (and
+        ``augment``)."""
+        parts = [unfold_input(spec.module, x) for x in spec.inputs]
+        a = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        if spec.joint and augment:
             a = torch.cat([a, a.new_ones(*a.shape[:2], 1)], dim=2)
         return a
 
@@ -248,11 +267,9 @@ class Capture:
         result, start = [], 0
         for spec, c in zip(self.specs, counts):
             gs = [
-                torch.cat(
-                    [flatten_output(spec.module, per_vec[k][start + i]) for i in range(c)], dim=1
-                )
+                _cat1([flatten_output(spec.module, per_vec[k][start + i]) for i in range(c)])
                 for k in range(K)
             ]
-            result.append(torch.stack(gs))
+            result.append(gs[0].unsqueeze(0) if K == 1 else torch.stack(gs))
             start += c
         return result

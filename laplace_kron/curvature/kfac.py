@@ -186,7 +186,7 @@ class CurvatureFitter:
         return [n for n, _ in self.model.named_parameters() if n in covered]
 
     # ------------------------------------------------------------------------- passes
-    def _forward(self, x, y, i: int, cap: Capture):
+    def _forward(self, x, y, i: int, cap: Capture, augment: bool = True):
         _check_finite_inputs(x, i)
         _check_finite_targets(y, i)
         x = _to_device(x, self.device)
@@ -205,7 +205,7 @@ class CurvatureFitter:
             fc, yc, self.likelihood, self.fisher, self.mc_samples, self._gen
         )
         grads = cap.output_gradients(fc, vectors)
-        inputs = [cap.layer_inputs(s) for s in self.specs]
+        inputs = [cap.layer_inputs(s, augment) for s in self.specs]
         return fc, yc, inputs, grads
 
     def accumulate_kfac(self, x, y, i: int = 0) -> None:
@@ -213,7 +213,7 @@ class CurvatureFitter:
         if _is_empty(y):
             return
         with Capture(self.specs) as cap:
-            fc, yc, inputs, grads = self._forward(x, y, i, cap)
+            fc, yc, inputs, grads = self._forward(x, y, i, cap, augment=False)
         with torch.no_grad():
             nll, sse = nll_sum(fc, yc, self.likelihood)
             self.loss += float(nll)
@@ -224,15 +224,24 @@ class CurvatureFitter:
                 self._add_factors(li, spec, a, g)
 
     def _add_factors(self, li: int, spec: LayerSpec, a: Tensor, g: Tensor) -> None:
+        """Add ``sum a a^T`` and ``sum g g^T`` of one batch; ``a`` has no bias column: with a
+        joint bias the augmented factor is assembled as ``[[a^T a, a^T 1], [1^T a, n]]``, which
+        avoids copying the inputs to append a ones column."""
         T = a.shape[1]
         if self.weight_sharing == "expand":
-            a2 = a.reshape(-1, a.shape[-1])
-            A = (a2.T @ a2) / T
+            rows, scale = a.reshape(-1, a.shape[-1]), 1.0 / T
             g2 = g.reshape(-1, g.shape[-1])
         else:
-            ab = a.mean(dim=1)
-            A = ab.T @ ab
+            rows, scale = a.mean(dim=1), 1.0
             g2 = g.sum(dim=2).reshape(-1, g.shape[-1])
+        A = None
+        if spec.has_weight:
+            A = rows.T @ rows
+            if spec.joint:
+                s = rows.sum(0, keepdim=True)
+                n = torch.full((1, 1), float(rows.shape[0]), dtype=A.dtype, device=A.device)
+                A = torch.cat([torch.cat([A, s.T], 1), torch.cat([s, n], 1)], 0)
+            A = A * scale
         G = g2.T @ g2
         if spec.has_weight:
             self.A_sum[li] = A if self.A_sum[li] is None else self.A_sum[li] + A
