@@ -234,18 +234,22 @@ class CurvatureFitter:
         else:
             rows, scale = a.mean(dim=1), 1.0
             g2 = g.sum(dim=2).reshape(-1, g.shape[-1])
-        A = None
         if spec.has_weight:
-            A = rows.T @ rows
+            d = rows.shape[1]
+            if self.A_sum[li] is None:
+                size = d + 1 if spec.joint else d
+                self.A_sum[li] = rows.new_zeros(size, size)
+            A = self.A_sum[li]
+            # In-place accumulation into views: no temporaries, no concatenation.
+            A[:d, :d].addmm_(rows.T, rows, alpha=scale)
             if spec.joint:
-                s = rows.sum(0, keepdim=True)
-                n = torch.full((1, 1), float(rows.shape[0]), dtype=A.dtype, device=A.device)
-                A = torch.cat([torch.cat([A, s.T], 1), torch.cat([s, n], 1)], 0)
-            A = A * scale
-        G = g2.T @ g2
-        if spec.has_weight:
-            self.A_sum[li] = A if self.A_sum[li] is None else self.A_sum[li] + A
-        self.G_sum[li] = G if self.G_sum[li] is None else self.G_sum[li] + G
+                colsum = rows.sum(0) * scale
+                A[:d, d] += colsum
+                A[d, :d] += colsum
+                A[d, d] += rows.shape[0] * scale
+        if self.G_sum[li] is None:
+            self.G_sum[li] = g2.new_zeros(g2.shape[1], g2.shape[1])
+        self.G_sum[li].addmm_(g2.T, g2)
 
     def accumulate_ekfac(self, x, y, bases: list[list[KronBlock]], i: int = 0) -> None:
         """Add one batch to the EKFAC eigenvalue corrections (second pass)."""
