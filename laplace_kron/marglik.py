@@ -2,9 +2,10 @@
 
 Three methods, all without a pass over the training data:
 
-* ``"marglik"``: gradient ascent on ``log delta`` (and ``log sigma``) of the Laplace evidence,
-  by L-BFGS with a strong-Wolfe line search (default; converges to the optimum in a few dozen
-  evaluations) or Adam (``optimizer="adam"``, ``lr``); only eigenvalues enter, so each
+* ``"marglik"``: gradient ascent on ``log delta`` (and ``log sigma``) of the Laplace evidence:
+  Newton's method with analytic derivatives for one scalar ``delta`` (a few passes over the
+  spectrum), otherwise L-BFGS with a strong-Wolfe line search (default; converges to the
+  optimum in a few dozen evaluations) or Adam (``optimizer="adam"``, ``lr``); only eigenvalues enter, so each
   evaluation costs ``O(P)``. ``tol`` bounds the gradient of the evidence per datum.
 * ``"mackay"``: the evidence fixed point ``delta_l = gamma_l / ||theta*_l||^2`` with the effective
   number of parameters ``gamma_l = P_l - delta_l tr(Sigma_l)`` (MacKay 1992); for regression the
@@ -71,7 +72,14 @@ def optimize_prior_precision(
     if tune_sigma_noise and la.likelihood != "regression":
         raise ValueError("tune_sigma_noise=True needs likelihood='regression'")
     t0 = time.perf_counter()
-    if method == "marglik":
+    if (
+        method == "marglik"
+        and granularity == "scalar"
+        and not tune_sigma_noise
+        and optimizer == "lbfgs"
+    ):
+        report = _newton_scalar(la, n_steps, tol)
+    elif method == "marglik":
         report = _marglik(la, granularity, n_steps, lr, tune_sigma_noise, tol, optimizer)
     elif method == "mackay":
         report = _mackay(la, granularity, n_steps, tune_sigma_noise, tol)
@@ -88,6 +96,39 @@ def optimize_prior_precision(
     report["seconds"] = time.perf_counter() - t0
     report["method"] = method
     return report
+
+
+def _newton_scalar(la, n_steps: int, tol: float) -> dict:
+    """Newton's method on ``u = log delta`` for one scalar prior precision.
+
+    With ``r = 1 / (c lambda + delta)`` the evidence ``E`` has
+    ``dE/ddelta = -||theta||^2 / 2 + P / (2 delta) - sum(r) / 2`` and
+    ``d2E/ddelta2 = -P / (2 delta^2) + sum(r^2) / 2``, both from one pass over the spectrum, so a
+    step costs one elementwise pass over ``P`` numbers and convergence takes a handful of steps
+    (versus several evidence + gradient evaluations per L-BFGS iteration).
+    """
+    eigs, _, sq = la._spectrum()
+    c = la.precision_scale()
+    S, P = sq.sum(), eigs.numel()
+    norm = float(max(1, la.num_data))
+    u = _initial(la, "scalar").log()
+    converged = False
+    it = 0
+    for step in range(1, n_steps + 1):
+        it = step
+        d = u.exp()
+        r = torch.reciprocal(c * eigs + d)
+        g = -0.5 * S + 0.5 * P / d - 0.5 * r.sum()
+        h = -0.5 * P / d**2 + 0.5 * (r * r).sum()
+        gu, hu = d * g, d * g + d * d * h
+        if abs(float(gu)) / norm <= tol:
+            converged = True
+            break
+        # Newton where the evidence is concave in u, otherwise a unit ascent step.
+        delta_u = -gu / hu if hu < 0 else torch.sign(gu)
+        u = u + delta_u.clamp(-2.0, 2.0)
+    la.prior_precision = u.exp()
+    return {"iterations": it, "evaluations": it, "converged": converged}
 
 
 def _marglik(la, granularity, n_steps, lr, tune_sigma, tol, optimizer="lbfgs") -> dict:

@@ -257,3 +257,18 @@ def test_failed_fit_keeps_previous_state():
     with pytest.raises(ValueError, match="NaN"):
         la.fit([(bad, y)])
     assert float(la.log_marginal_likelihood()) == before
+
+
+def test_scalar_newton_matches_lbfgs_and_mackay():
+    la, *_ = _fit("classification", 3, "ekfac", n=40)
+    r_newton = la.optimize_prior_precision(tol=1e-12)
+    d_newton = float(la.prior_precision)
+    la.prior_precision = 1.0
+    la.optimize_prior_precision(granularity="layer", n_steps=1)  # warm path unaffected
+    la.prior_precision = 1.0
+    la.optimize_prior_precision("mackay", tol=1e-13, n_steps=10000)
+    assert r_newton["converged"] and r_newton["iterations"] < 30
+    assert abs(float(la.prior_precision) - d_newton) < 1e-7 * d_newton
+    la.prior_precision = 1.0
+    la.optimize_prior_precision(optimizer="adam", n_steps=3000, lr=0.05, tol=1e-10)
+    assert abs(float(la.prior_precision) - d_newton) < 1e-3 * d_newton
