@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from .curvature import ekfac, kfac
 from .curvature.capture import Capture, select_layers
+from .curvature.kfac import per_example_sq
 from .curvature.likelihoods import (
     check_fisher,
     check_likelihood,
@@ -652,16 +653,7 @@ class OnlineLaplace:
 
 def _per_example_sq(a: Tensor, g: Tensor) -> Tensor:
     """``sum_{k,n} (sum_t g[k,n,t] a[n,t]^T)^2`` for ``a [B, T, i]``, ``g [K, B, T, o]`` -> ``[o, i]``."""
-    K, B, T, d_out = g.shape
-    d_in = a.shape[-1]
-    if T == 1:
-        return torch.einsum("kbo,bi->oi", g[:, :, 0] ** 2, a[:, 0] ** 2)
-    out = g.new_zeros(d_out, d_in)
-    step = max(1, _DIAG_CHUNK // max(1, K * d_out * d_in))
-    for s in range(0, B, step):
-        per = torch.einsum("kbto,bti->kboi", g[:, s : s + step], a[s : s + step])
-        out += (per**2).sum(dim=(0, 1))
-    return out
+    return per_example_sq(a, g, _DIAG_CHUNK)
 
 
 def _params_to_mat(bs: _BlockSum, params: list[Tensor]) -> Tensor:

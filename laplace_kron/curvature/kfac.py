@@ -617,21 +617,28 @@ class CurvatureFitter:
         return out
 
 
-def _ekfac_corrections(a: Tensor, g: Tensor, block: KronBlock) -> Tensor:
-    """``sum_{k,n} (Q_G^T (sum_t g a^T) Q_A)^2`` for ``a [B, T, d_in]``, ``g [K, B, T, d_out]``."""
-    QG, QA = block.eig_G.vectors, block.eig_A.vectors
-    gh = g @ QG  # [K, B, T, d_out]
-    ah = a @ QA  # [B, T, d_in]
-    K, B, T, d_out = gh.shape
-    d_in = ah.shape[-1]
+def per_example_sq(a: Tensor, g: Tensor, chunk: int = _EKFAC_CHUNK) -> Tensor:
+    """``sum_{k,n} (sum_t g[k,n,t] a[n,t]^T)^2`` for ``a [B, T, i]``, ``g [K, B, T, o]`` -> ``[o, i]``.
+
+    The squared per-example (per output-gradient vector) weight gradients, summed over shared
+    positions before squaring. ``T = 1`` is one GEMM; otherwise per-example gradients are built in
+    chunks of at most ``chunk`` elements.
+    """
+    K, B, T, d_out = g.shape
+    d_in = a.shape[-1]
     if T == 1:
-        return torch.einsum("kbo,bi->oi", gh[:, :, 0] ** 2, ah[:, 0] ** 2)
-    out = gh.new_zeros(d_out, d_in)
-    step = max(1, _EKFAC_CHUNK // max(1, K * d_out * d_in))
+        return torch.einsum("kbo,bi->oi", g[:, :, 0] ** 2, a[:, 0] ** 2)
+    out = g.new_zeros(d_out, d_in)
+    step = max(1, chunk // max(1, K * d_out * d_in))
     for s in range(0, B, step):
-        per = torch.einsum("kbto,bti->kboi", gh[:, s : s + step], ah[s : s + step])
+        per = torch.einsum("kbto,bti->kboi", g[:, s : s + step], a[s : s + step])
         out += (per**2).sum(dim=(0, 1))
     return out
+
+
+def _ekfac_corrections(a: Tensor, g: Tensor, block: KronBlock) -> Tensor:
+    """``sum_{k,n} (Q_G^T (sum_t g a^T) Q_A)^2`` for ``a [B, T, d_in]``, ``g [K, B, T, d_out]``."""
+    return per_example_sq(a @ block.eig_A.vectors, g @ block.eig_G.vectors)
 
 
 @dataclass
