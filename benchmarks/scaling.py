@@ -124,6 +124,7 @@ def main(argv=None) -> int:
         tmp = tempfile.TemporaryDirectory(prefix="lk-scaling-")
         args.cache_dir = tmp.name
     load_start = C.load_average()
+    git_start = R.git_state()
     t0 = time.time()
     keys = set(args.only.split(",")) if args.only else None
     out = {}
@@ -170,6 +171,7 @@ def main(argv=None) -> int:
             rows.append(row)
         out[st["key"]] = {"label": st["label"], "items": st["items"], "rows": rows}
     load_end = C.load_average()
+    args.code = git_start if git_start == R.git_state() else f"{git_start} (changed during the run)"
     gen = render(out, load_start, load_end, time.time() - t0, args)
     print()
     print(gen)
@@ -202,7 +204,7 @@ def render(out: dict, load_start, load_end, elapsed: float, args) -> str:
         f"{load_end[2]:.2f}"
         f" (the load average includes the benchmark's own 2-thread worker). † (x): other "
         f"processes kept x cores busy while that point ran (after up to {args.retries} retries), "
-        f"so its time is less reliable._\n"
+        f"so its time is less reliable. Measured code: laplace_kron at `{args.code}`._\n"
     ]
     for st in out.values():
         items = st["items"]
