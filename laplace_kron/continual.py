@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -31,7 +30,7 @@ from torch import Tensor, nn
 
 from .curvature import ekfac, kfac
 from .curvature.capture import Capture, select_layers
-from .curvature.kfac import per_example_sq
+from .curvature.kfac import _check_model_mode, per_example_sq
 from .curvature.likelihoods import (
     check_fisher,
     check_likelihood,
@@ -129,21 +128,6 @@ def _check_number(name: str, value: object, low: float, high: float = math.inf) 
     if not low <= value <= high:
         raise ValueError(f"{name} must lie in [{low}, {high}], got {value!r}")
     return float(value)
-
-
-def _check_model_mode(model: nn.Module) -> None:
-    stochastic = [
-        n
-        for n, m in model.named_modules()
-        if m.training and isinstance(m, (nn.Dropout, nn.modules.batchnorm._BatchNorm))
-    ]
-    if stochastic:
-        warnings.warn(
-            f"model is in train mode with dropout/batch-norm layers ({', '.join(stochastic[:5])}); "
-            "the curvature will be noisy and batch-dependent. Call model.eval() before "
-            "consolidate().",
-            stacklevel=3,
-        )
 
 
 class OnlineLaplace:
