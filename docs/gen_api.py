@@ -18,6 +18,7 @@ MODULES = [
     "laplace_kron.curvature.capture",
     "laplace_kron.curvature.likelihoods",
     "laplace_kron.posterior",
+    "laplace_kron.spectrum",
     "laplace_kron.marglik",
     "laplace_kron.predictive",
     "laplace_kron.metrics",

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from .curvature.kfac import CurvatureFitter
 from .curvature.likelihoods import check_likelihood
 from .kron import KronBlock, KronCurvature
+from .spectrum import Spectrum
 
 __all__ = ["KronLaplace", "DampedKron"]
 
@@ -266,33 +267,20 @@ class KronLaplace:
             raise ValueError(f"prior precision must be a scalar or have {len(curv.blocks)} values")
         return list(d.unbind())
 
-    def _spectrum(self) -> tuple[Tensor, Tensor, Tensor]:
-        """Cached ``(eigenvalues [P], block id per eigenvalue [P], ||theta*_l||^2 [n_blocks])``.
+    def _spectrum(self) -> Spectrum:
+        """Cached compressed spectrum (non-zero eigenvalues, zero counts, ``||theta*_l||^2``).
 
-        All undamped eigenvalues live in one float64 vector so that the evidence and its
-        gradient are a single vectorised pass over ``P`` numbers: tuning never touches the data.
+        All undamped eigenvalues are gathered once in float64 so that the evidence and its
+        gradient are a pass over the non-zero ones: tuning never touches the data.
         """
         if self._cache is None:
             curv = self._require_fit()
-            eigs = torch.cat(
-                [b.eigvals().detach().to(torch.float64).flatten() for b in curv.blocks]
-            )
-            sizes = torch.tensor(curv.block_sizes)
-            block_id = torch.repeat_interleave(torch.arange(len(curv.blocks)), sizes)
             sq = []
             for b in curv.blocks:
                 idx = curv.block_index(b).to(self.mean.device)
                 sq.append(self.mean[idx].to(torch.float64).pow(2).sum())
-            self._cache = (eigs.cpu(), block_id, torch.stack(sq).cpu())
+            self._cache = Spectrum.from_blocks([b.eigvals() for b in curv.blocks], torch.stack(sq))
         return self._cache
-
-    def _eigs(self) -> list[Tensor]:
-        """Undamped eigenvalues per block (float64)."""
-        eigs, _, _ = self._spectrum()
-        return list(eigs.split(self._require_fit().block_sizes))
-
-    def _sq_norms(self) -> Tensor:
-        return self._spectrum()[2]
 
     @property
     def posterior_precision(self) -> DampedKron:
@@ -315,14 +303,16 @@ class KronLaplace:
 
     # ------------------------------------------------------------------ evidence
     def log_det_posterior_precision(self, prior_precision=None, sigma_noise=None) -> Tensor:
-        """``log det Lambda = sum_l sum_ij log(c lambda_l,ij + delta_l)`` (float64)."""
-        c = self.precision_scale(sigma_noise)
+        """``log det Lambda = sum_l sum_ij log(c lambda_l,ij + delta_l)`` (float64), computed
+        over the non-zero eigenvalues with the zero ones counted (:mod:`laplace_kron.spectrum`)."""
+        c = torch.as_tensor(self.precision_scale(sigma_noise), dtype=torch.float64)
         d = self.prior_precision if prior_precision is None else prior_precision
-        eigs, block_id, _ = self._spectrum()
-        if d.ndim == 1:
+        spec = self._spectrum()
+        if d.ndim == 0:
+            d = d.expand(spec.n_blocks)
+        else:
             self.block_deltas(d)  # validates the length
-            d = d[block_id]
-        return torch.log(c * eigs + d).sum()
+        return spec.logdet(c, d.to(torch.float64))
 
     def log_det_prior_precision(self, prior_precision=None) -> Tensor:
         """``sum_l P_l log delta_l``."""
@@ -333,7 +323,7 @@ class KronLaplace:
     def scatter(self, prior_precision=None) -> Tensor:
         """``sum_l delta_l ||theta*_l||^2`` (zero prior mean)."""
         d = self.prior_precision if prior_precision is None else prior_precision
-        sq = self._sq_norms()
+        sq = self._spectrum().sq
         return (d * sq).sum() if d.ndim == 1 else d * sq.sum()
 
     def log_likelihood(self, sigma_noise=None) -> Tensor:

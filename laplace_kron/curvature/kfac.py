@@ -33,7 +33,13 @@ from tqdm.auto import tqdm
 
 from .. import distributed as dist_utils
 from ..kron import KronBlock, KronCurvature
-from .capture import Capture, LayerSpec, select_layers
+from .capture import (
+    Capture,
+    LayerSpec,
+    Workspace,
+    native_to_weight_order,
+    select_layers,
+)
 from .likelihoods import (
     check_fisher,
     check_likelihood,
@@ -156,6 +162,8 @@ class CurvatureFitter:
         self.mc_samples = mc_samples
         self.weight_sharing = weight_sharing
         self.specs: list[LayerSpec] = select_layers(model, modules, separate_bias)
+        self._orders = [_order(s.module, model) for s in self.specs]
+        self._work = Workspace()
         if generator is None and fisher == "mc":
             generator = torch.Generator().manual_seed(0)
         self.generator = generator
@@ -186,7 +194,7 @@ class CurvatureFitter:
         return [n for n, _ in self.model.named_parameters() if n in covered]
 
     # ------------------------------------------------------------------------- passes
-    def _forward(self, x, y, i: int, cap: Capture, augment: bool = True):
+    def _forward(self, x, y, i: int, cap: Capture, augment: bool = True, native: bool = False):
         _check_finite_inputs(x, i)
         _check_finite_targets(y, i)
         x = _to_device(x, self.device)
@@ -205,7 +213,7 @@ class CurvatureFitter:
             fc, yc, self.likelihood, self.fisher, self.mc_samples, self._gen
         )
         grads = cap.output_gradients(fc, vectors)
-        inputs = [cap.layer_inputs(s, augment) for s in self.specs]
+        inputs = [cap.layer_inputs(s, augment, native, self._work) for s in self.specs]
         return fc, yc, inputs, grads
 
     def accumulate_kfac(self, x, y, i: int = 0) -> None:
@@ -213,7 +221,7 @@ class CurvatureFitter:
         if _is_empty(y):
             return
         with Capture(self.specs) as cap:
-            fc, yc, inputs, grads = self._forward(x, y, i, cap, augment=False)
+            fc, yc, inputs, grads = self._forward(x, y, i, cap, augment=False, native=True)
         with torch.no_grad():
             nll, sse = nll_sum(fc, yc, self.likelihood)
             self.loss += float(nll)
@@ -224,15 +232,23 @@ class CurvatureFitter:
                 self._add_factors(li, spec, a, g)
 
     def _add_factors(self, li: int, spec: LayerSpec, a: Tensor, g: Tensor) -> None:
-        """Add ``sum a a^T`` and ``sum g g^T`` of one batch; ``a`` has no bias column: with a
-        joint bias the augmented factor is assembled as ``[[a^T a, a^T 1], [1^T a, n]]``, which
-        avoids copying the inputs to append a ones column."""
+        """Add ``sum a a^T`` and ``sum g g^T`` of one batch.
+
+        ``a`` has no bias column and its columns are in :func:`native_patches` order: the
+        ``d_in x d_in`` product is formed in that order and permuted to weight order afterwards
+        (``d_in^2`` work instead of a copy of the ``B T x d_in`` patches). With a joint bias the
+        augmented factor is assembled as ``[[a^T a, a^T 1], [1^T a, n]]``, which avoids copying
+        the inputs to append a ones column.
+        """
         T = a.shape[1]
+        idx = self._orders[li]
         if self.weight_sharing == "expand":
             rows, scale = a.reshape(-1, a.shape[-1]), 1.0 / T
-            g2 = g.reshape(-1, g.shape[-1])
+            g2 = g.reshape(-1, g.shape[-1]) if T == 1 or g.is_contiguous() else None
         else:
             rows, scale = a.mean(dim=1), 1.0
+            if idx is not None:
+                rows, idx = rows[:, idx], None
             g2 = g.sum(dim=2).reshape(-1, g.shape[-1])
         if spec.has_weight:
             d = rows.shape[1]
@@ -241,15 +257,26 @@ class CurvatureFitter:
                 self.A_sum[li] = rows.new_zeros(size, size)
             A = self.A_sum[li]
             # In-place accumulation into views: no temporaries, no concatenation.
-            A[:d, :d].addmm_(rows.T, rows, alpha=scale)
+            if idx is None:
+                A[:d, :d].addmm_(rows.T, rows, alpha=scale)
+            else:
+                A[:d, :d].add_(torch.mm(rows.T, rows)[idx][:, idx], alpha=scale)
             if spec.joint:
                 colsum = rows.sum(0) * scale
+                if idx is not None:
+                    colsum = colsum[idx]
                 A[:d, d] += colsum
                 A[d, :d] += colsum
                 A[d, d] += rows.shape[0] * scale
         if self.G_sum[li] is None:
-            self.G_sum[li] = g2.new_zeros(g2.shape[1], g2.shape[1])
-        self.G_sum[li].addmm_(g2.T, g2)
+            self.G_sum[li] = g.new_zeros(g.shape[-1], g.shape[-1])
+        if g2 is None:
+            # Convolution output-gradients are [B, T, C] views of channel-first tensors: a batched
+            # product over examples avoids the transposing copy a single [B T, C] GEMM needs.
+            g3 = g.flatten(0, 1)
+            self.G_sum[li].add_(torch.bmm(g3.mT, g3).sum(0))
+        else:
+            self.G_sum[li].addmm_(g2.T, g2)
 
     def accumulate_ekfac(self, x, y, bases: list[list[KronBlock]], i: int = 0) -> None:
         """Add one batch to the EKFAC eigenvalue corrections (second pass)."""
@@ -406,7 +433,10 @@ class CurvatureFitter:
                 self._restore(state, settings, ckpt.path)
                 pass_name, start = state["pass"], int(state["next_batch"])
             if pass_name == "kfac":
-                self._run_pass("kfac", data, progress, start, ckpt, settings)
+                try:
+                    self._run_pass("kfac", data, progress, start, ckpt, settings)
+                finally:
+                    self._work.clear()
             return pass_name, start
 
         pass_name, start = self._local(first_phase)
@@ -615,6 +645,11 @@ class CurvatureFitter:
                     )
             out.append([b.with_eigenvalues(e) for b, e in zip(layer, E, strict=True)])
         return out
+
+
+def _order(module: nn.Module, model: nn.Module) -> Tensor | None:
+    idx = native_to_weight_order(module)
+    return None if idx is None else idx.to(next(model.parameters()).device)
 
 
 def per_example_sq(a: Tensor, g: Tensor, chunk: int = _EKFAC_CHUNK) -> Tensor:
