@@ -221,7 +221,7 @@ class CurvatureFitter:
         if _is_empty(y):
             return
         with Capture(self.specs) as cap:
-            fc, yc, inputs, grads = self._forward(x, y, i, cap, augment=False, native=True)
+            fc, yc, inputs, grads = self._forward(x, y, i, cap, native=True)
         with torch.no_grad():
             nll, sse = nll_sum(fc, yc, self.likelihood)
             self.loss += float(nll)
@@ -234,40 +234,37 @@ class CurvatureFitter:
     def _add_factors(self, li: int, spec: LayerSpec, a: Tensor, g: Tensor) -> None:
         """Add ``sum a a^T`` and ``sum g g^T`` of one batch.
 
-        ``a`` has no bias column and its columns are in :func:`native_patches` order: the
-        ``d_in x d_in`` product is formed in that order and permuted to weight order afterwards
-        (``d_in^2`` work instead of a copy of the ``B T x d_in`` patches). With a joint bias the
-        augmented factor is assembled as ``[[a^T a, a^T 1], [1^T a, n]]``, which avoids copying
-        the inputs to append a ones column.
+        ``a`` carries the ones column of a joint bias and its columns are in
+        :func:`native_patches` order: the product is formed in that order and permuted to weight
+        order afterwards (``d_in^2`` work instead of a copy of the ``B T x d_in`` patches).
+        Dense products accumulate their lower block triangle only (:func:`_gram_lower_`);
+        :meth:`_mirror` completes them.
         """
         T = a.shape[1]
         idx = self._orders[li]
+        if idx is not None and spec.joint:
+            idx = torch.cat([idx, idx.new_tensor([idx.numel()])])
         if self.weight_sharing == "expand":
-            rows, scale = a.reshape(-1, a.shape[-1]), 1.0 / T
+            flat = T == 1 or a.is_contiguous()
+            rows, scale = (a.reshape(-1, a.shape[-1]) if flat else None), 1.0 / T
             g2 = g.reshape(-1, g.shape[-1]) if T == 1 or g.is_contiguous() else None
         else:
             rows, scale = a.mean(dim=1), 1.0
-            if idx is not None:
-                rows, idx = rows[:, idx], None
             g2 = g.sum(dim=2).reshape(-1, g.shape[-1])
         if spec.has_weight:
-            d = rows.shape[1]
+            d = a.shape[-1]
             if self.A_sum[li] is None:
-                size = d + 1 if spec.joint else d
-                self.A_sum[li] = rows.new_zeros(size, size)
-            A = self.A_sum[li]
-            # In-place accumulation into views: no temporaries, no concatenation.
-            if idx is None:
-                A[:d, :d].addmm_(rows.T, rows, alpha=scale)
+                self.A_sum[li] = a.new_zeros(d, d)
+            if rows is None:
+                # Channel-first patches ([B, T, d] view of [B, d, T]): one batched product.
+                self.A_sum[li].add_(torch.bmm(a.mT, a).sum(0), alpha=scale)
+            elif idx is None:
+                _gram_lower_(self.A_sum[li], rows, scale)
             else:
-                A[:d, :d].add_(torch.mm(rows.T, rows)[idx][:, idx], alpha=scale)
-            if spec.joint:
-                colsum = rows.sum(0) * scale
-                if idx is not None:
-                    colsum = colsum[idx]
-                A[:d, d] += colsum
-                A[d, :d] += colsum
-                A[d, d] += rows.shape[0] * scale
+                S = self._work.get(("gram", li), (d, d), rows)
+                _gram_lower_(S, rows, 1.0, beta=0.0)
+                _mirror_(S)
+                self.A_sum[li].add_(S[idx][:, idx], alpha=scale)
         if self.G_sum[li] is None:
             self.G_sum[li] = g.new_zeros(g.shape[-1], g.shape[-1])
         if g2 is None:
@@ -276,7 +273,13 @@ class CurvatureFitter:
             g3 = g.flatten(0, 1)
             self.G_sum[li].add_(torch.bmm(g3.mT, g3).sum(0))
         else:
-            self.G_sum[li].addmm_(g2.T, g2)
+            _gram_lower_(self.G_sum[li], g2, 1.0)
+
+    def _mirror(self) -> None:
+        """Complete the factor sums from their accumulated lower block triangles (idempotent)."""
+        for t in self.A_sum + self.G_sum:
+            if t is not None:
+                _mirror_(t)
 
     def accumulate_ekfac(self, x, y, bases: list[list[KronBlock]], i: int = 0) -> None:
         """Add one batch to the EKFAC eigenvalue corrections (second pass)."""
@@ -299,6 +302,7 @@ class CurvatureFitter:
     # ------------------------------------------------------------------------- results
     def blocks(self) -> list[list[KronBlock]]:
         """KFAC blocks per layer (a layer has two blocks when weight and bias are separate)."""
+        self._mirror()
         if self.num_data == 0:
             if self._failed is not None:
                 raise RuntimeError(
@@ -572,6 +576,7 @@ class CurvatureFitter:
         }
 
     def _checkpoint_state(self, settings: dict, pass_name: str, next_batch: int) -> dict:
+        self._mirror()
         fp = None if self._last_batch is None else _fingerprint(*self._last_batch)
         return {
             "format": CHECKPOINT_FORMAT,
@@ -645,6 +650,37 @@ class CurvatureFitter:
                     )
             out.append([b.with_eigenvalues(e) for b, e in zip(layer, E, strict=True)])
         return out
+
+
+# Factors at least this wide are accumulated as a 2 x 2 block triangle: 3/4 of the GEMM work
+# (PyTorch has no syrk); measured 1.2-1.9x faster for widths 289 to 2048 on 2 CPU cores
+# (no gain at 145).
+_GRAM_SPLIT = 256
+
+
+def _gram_lower_(out: Tensor, X: Tensor, alpha: float, beta: float = 1.0) -> None:
+    """``out <- beta out + alpha X^T X`` on the diagonal blocks and the block below them.
+
+    For ``d < _GRAM_SPLIT`` the whole matrix is updated; otherwise the upper off-diagonal block
+    is left untouched and :func:`_mirror_` fills it.
+    """
+    d = X.shape[1]
+    if d < _GRAM_SPLIT:
+        out.addmm_(X.T, X, beta=beta, alpha=alpha)
+        return
+    h = d // 2
+    X0, X1 = X[:, :h], X[:, h:]
+    out[:h, :h].addmm_(X0.T, X0, beta=beta, alpha=alpha)
+    out[h:, :h].addmm_(X1.T, X0, beta=beta, alpha=alpha)
+    out[h:, h:].addmm_(X1.T, X1, beta=beta, alpha=alpha)
+
+
+def _mirror_(M: Tensor) -> None:
+    """Copy the lower off-diagonal block of a :func:`_gram_lower_` result to the upper one."""
+    d = M.shape[0]
+    if d >= _GRAM_SPLIT:
+        h = d // 2
+        M[:h, h:].copy_(M[h:, :h].T)
 
 
 def _order(module: nn.Module, model: nn.Module) -> Tensor | None:
