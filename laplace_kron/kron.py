@@ -58,8 +58,9 @@ def symeig(factor: Tensor) -> Eigen:
     """
     if not torch.isfinite(factor).all():
         raise ValueError("factor contains NaN or Inf; cannot eigendecompose it")
+    # eigh reads the lower triangle only: the factors are symmetric up to round-off, and their
+    # accumulation (kfac.py) completes them by mirroring that triangle.
     f64 = factor.detach().to(torch.float64)
-    f64 = 0.5 * (f64 + f64.T)
     live = f64.diagonal() != 0
     n = f64.shape[0]
     n_live = int(live.sum())
@@ -68,12 +69,12 @@ def symeig(factor: Tensor) -> Eigen:
     else:
         idx = live.nonzero().squeeze(1)
         dead = (~live).nonzero().squeeze(1)
-        sub_values, sub_vectors = torch.linalg.eigh(f64[idx][:, idx])
+        sub_values, sub_vectors = torch.linalg.eigh(f64.index_select(0, idx).index_select(1, idx))
         n_dead = n - n_live
         values = torch.cat([sub_values.new_zeros(n_dead), sub_values])
         vectors = f64.new_zeros(n, n)
         vectors[dead, torch.arange(n_dead, device=f64.device)] = 1.0
-        vectors[idx.unsqueeze(1), n_dead + torch.arange(n_live, device=f64.device)] = sub_vectors
+        vectors[idx, n_dead:] = sub_vectors
     tol = _EIG_CLAMP * values.abs().max().clamp_min(1e-300)
     values = torch.where(values < tol, torch.zeros_like(values), values)
     # One memory layout for every eigenbasis (torch.kron fails on mixed row/column-major inputs).
