@@ -11,7 +11,7 @@ output-gradient vectors backpropagated from the network output.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -381,14 +381,16 @@ class Capture:
             a = torch.cat([a, a.new_ones(*a.shape[:2], 1)], dim=2)
         return a
 
-    def output_gradients(self, f: Tensor, vectors: Tensor) -> list[Tensor]:
+    def iter_output_gradients(self, f: Tensor, vectors: Tensor) -> Iterator[list[Tensor]]:
         """Backpropagate each vector ``s_k`` (``vectors [K, B, C]``) from the output ``f``.
 
-        Returns per layer ``g [K, B, T, d_out]`` (gradients of ``sum_b s_k[b] . f[b]`` w.r.t. the
-        layer outputs). One backward pass per vector.
+        Yields, for ``k = 1..K`` in turn, per layer ``g [1, B, T, d_out]``: the gradient of
+        ``sum_b s_k[b] . f[b]`` w.r.t. the layer outputs (one backward pass each). Consuming them
+        one at a time keeps memory at one vector's gradients (the exact Fisher has ``K = C``).
+        Convolution gradients are ``[B, T, C]`` views of the channel-first tensors autograd
+        returns (no copy).
         """
         outs = [o for spec in self.specs for o in spec.outputs]
-        counts = [len(spec.outputs) for spec in self.specs]
         for o, spec in zip(outs, [s for s in self.specs for _ in s.outputs]):
             if not o.requires_grad:
                 raise ValueError(
@@ -396,7 +398,6 @@ class Capture:
                     "wrapped in torch.no_grad()?"
                 )
         K = vectors.shape[0]
-        per_vec = []
         for k in range(K):
             grads = torch.autograd.grad(
                 f,
@@ -405,13 +406,22 @@ class Capture:
                 retain_graph=k < K - 1,
                 allow_unused=True,
             )
-            per_vec.append([torch.zeros_like(o) if g is None else g for o, g in zip(outs, grads)])
-        result, start = [], 0
-        for spec, c in zip(self.specs, counts):
-            gs = [
-                _cat1([flatten_output(spec.module, per_vec[k][start + i]) for i in range(c)])
-                for k in range(K)
-            ]
-            result.append(gs[0].unsqueeze(0) if K == 1 else torch.stack(gs))
-            start += c
-        return result
+            grads = [torch.zeros_like(o) if g is None else g for o, g in zip(outs, grads)]
+            result, start = [], 0
+            for spec in self.specs:
+                c = len(spec.outputs)
+                if isinstance(spec.module, nn.Linear):
+                    g = _cat1([flatten_output(spec.module, grads[start + i]) for i in range(c)])
+                else:
+                    parts = [grads[start + i].flatten(2) for i in range(c)]
+                    g = (parts[0] if c == 1 else torch.cat(parts, dim=2)).transpose(1, 2)
+                result.append(g.unsqueeze(0))
+                start += c
+            yield result
+
+    def output_gradients(self, f: Tensor, vectors: Tensor) -> list[Tensor]:
+        """All of :meth:`iter_output_gradients` at once: per layer ``g [K, B, T, d_out]``."""
+        per_vec = list(self.iter_output_gradients(f, vectors))
+        if len(per_vec) == 1:
+            return per_vec[0]
+        return [torch.cat(gs, dim=0) for gs in zip(*per_vec)]

@@ -194,7 +194,9 @@ class CurvatureFitter:
         return [n for n, _ in self.model.named_parameters() if n in covered]
 
     # ------------------------------------------------------------------------- passes
-    def _forward(self, x, y, i: int, cap: Capture, augment: bool = True, native: bool = False):
+    def _forward(self, x, y, i: int, cap: Capture) -> tuple[Tensor, Tensor, Tensor]:
+        """Forward pass with checks: prepared output ``[B, C]``, targets, output-gradient
+        vectors ``[K, B, C]``."""
         _check_finite_inputs(x, i)
         _check_finite_targets(y, i)
         x = _to_device(x, self.device)
@@ -212,27 +214,33 @@ class CurvatureFitter:
         vectors = output_gradient_vectors(
             fc, yc, self.likelihood, self.fisher, self.mc_samples, self._gen
         )
-        grads = cap.output_gradients(fc, vectors)
-        inputs = [cap.layer_inputs(s, augment, native, self._work) for s in self.specs]
-        return fc, yc, inputs, grads
+        return fc, yc, vectors
 
     def accumulate_kfac(self, x, y, i: int = 0) -> None:
         """Add one batch to the KFAC factors (first pass); an empty batch adds nothing."""
         if _is_empty(y):
             return
         with Capture(self.specs) as cap:
-            fc, yc, inputs, grads = self._forward(x, y, i, cap, native=True)
+            fc, yc, vectors = self._forward(x, y, i, cap)
+            with torch.no_grad():
+                for li, spec in enumerate(self.specs):
+                    if spec.has_weight:
+                        a = cap.layer_inputs(spec, native=True, workspace=self._work)
+                        self._add_A(li, spec, a)
+            # One output-gradient vector at a time: G needs only sums over vectors.
+            for grads in cap.iter_output_gradients(fc, vectors):
+                with torch.no_grad():
+                    for li, g in enumerate(grads):
+                        self._add_G(li, g)
         with torch.no_grad():
             nll, sse = nll_sum(fc, yc, self.likelihood)
             self.loss += float(nll)
             self.sse += float(sse)
             self.n_outputs = fc.shape[1]
             self.num_data += fc.shape[0]
-            for li, (spec, a, g) in enumerate(zip(self.specs, inputs, grads, strict=True)):
-                self._add_factors(li, spec, a, g)
 
-    def _add_factors(self, li: int, spec: LayerSpec, a: Tensor, g: Tensor) -> None:
-        """Add ``sum a a^T`` and ``sum g g^T`` of one batch.
+    def _add_A(self, li: int, spec: LayerSpec, a: Tensor) -> None:
+        """Add ``sum a a^T`` (``1/T`` times for KFAC-expand) of one batch, ``a [B, T, d_in]``.
 
         ``a`` carries the ones column of a joint bias and its columns are in
         :func:`native_patches` order: the product is formed in that order and permuted to weight
@@ -240,40 +248,43 @@ class CurvatureFitter:
         Dense products accumulate their lower block triangle only (:func:`_gram_lower_`);
         :meth:`_mirror` completes them.
         """
-        T = a.shape[1]
+        T, d = a.shape[1], a.shape[2]
         idx = self._orders[li]
         if idx is not None and spec.joint:
             idx = torch.cat([idx, idx.new_tensor([idx.numel()])])
         if self.weight_sharing == "expand":
-            flat = T == 1 or a.is_contiguous()
-            rows, scale = (a.reshape(-1, a.shape[-1]) if flat else None), 1.0 / T
-            g2 = g.reshape(-1, g.shape[-1]) if T == 1 or g.is_contiguous() else None
+            rows = a.reshape(-1, d) if T == 1 or a.is_contiguous() else None
+            scale = 1.0 / T
         else:
             rows, scale = a.mean(dim=1), 1.0
-            g2 = g.sum(dim=2).reshape(-1, g.shape[-1])
-        if spec.has_weight:
-            d = a.shape[-1]
-            if self.A_sum[li] is None:
-                self.A_sum[li] = a.new_zeros(d, d)
-            if rows is None:
-                # Channel-first patches ([B, T, d] view of [B, d, T]): one batched product.
-                self.A_sum[li].add_(torch.bmm(a.mT, a).sum(0), alpha=scale)
-            elif idx is None:
-                _gram_lower_(self.A_sum[li], rows, scale)
-            else:
-                S = self._work.get(("gram", li), (d, d), rows)
-                _gram_lower_(S, rows, 1.0, beta=0.0)
-                _mirror_(S)
-                self.A_sum[li].add_(S[idx][:, idx], alpha=scale)
+        if self.A_sum[li] is None:
+            self.A_sum[li] = a.new_zeros(d, d)
+        if rows is None:
+            # Channel-first patches ([B, T, d] view of [B, d, T]): one batched product.
+            self.A_sum[li].add_(torch.bmm(a.mT, a).sum(0), alpha=scale)
+        elif idx is None:
+            _gram_lower_(self.A_sum[li], rows, scale)
+        else:
+            S = self._work.get(("gram", li), (d, d), rows)
+            _gram_lower_(S, rows, 1.0, beta=0.0)
+            _mirror_(S)
+            self.A_sum[li].add_(S[idx][:, idx], alpha=scale)
+
+    def _add_G(self, li: int, g: Tensor) -> None:
+        """Add ``sum g g^T`` of one batch, ``g [K, B, T, d_out]`` (summed over positions first
+        for KFAC-reduce)."""
+        T, d = g.shape[2], g.shape[3]
         if self.G_sum[li] is None:
-            self.G_sum[li] = g.new_zeros(g.shape[-1], g.shape[-1])
-        if g2 is None:
+            self.G_sum[li] = g.new_zeros(d, d)
+        if self.weight_sharing == "reduce":
+            _gram_lower_(self.G_sum[li], g.sum(dim=2).reshape(-1, d), 1.0)
+        elif T == 1 or g.is_contiguous():
+            _gram_lower_(self.G_sum[li], g.reshape(-1, d), 1.0)
+        else:
             # Convolution output-gradients are [B, T, C] views of channel-first tensors: a batched
             # product over examples avoids the transposing copy a single [B T, C] GEMM needs.
             g3 = g.flatten(0, 1)
             self.G_sum[li].add_(torch.bmm(g3.mT, g3).sum(0))
-        else:
-            _gram_lower_(self.G_sum[li], g2, 1.0)
 
     def _mirror(self) -> None:
         """Complete the factor sums from their accumulated lower block triangles (idempotent)."""
@@ -282,22 +293,35 @@ class CurvatureFitter:
                 _mirror_(t)
 
     def accumulate_ekfac(self, x, y, bases: list[list[KronBlock]], i: int = 0) -> None:
-        """Add one batch to the EKFAC eigenvalue corrections (second pass)."""
+        """Add one batch to the EKFAC eigenvalue corrections (second pass):
+        ``E += sum_{k,n} (Q_G^T (sum_t g a^T) Q_A)^2`` per block."""
         if _is_empty(y):
             return
         with Capture(self.specs) as cap:
-            _, _, inputs, grads = self._forward(x, y, i, cap)
-        with torch.no_grad():
-            for li, (a, g) in enumerate(zip(inputs, grads, strict=True)):
-                corr = []
-                for block in bases[li]:
+            fc, _, vectors = self._forward(x, y, i, cap)
+            with torch.no_grad():
+                rotated = []  # a Q_A per block, computed once for all output-gradient vectors
+                for li, spec in enumerate(self.specs):
+                    a = cap.layer_inputs(spec)
                     # A bias-only block sees the constant input 1 at every position.
-                    aa = a if block.A is not None else a.new_ones(*a.shape[:2], 1)
-                    corr.append(_ekfac_corrections(aa, g, block))
-                if self.E_sum[li] is None:
-                    self.E_sum[li] = corr
-                else:
-                    self.E_sum[li] = [e + c for e, c in zip(self.E_sum[li], corr, strict=True)]
+                    rotated.append(
+                        [
+                            a @ b.eig_A.vectors if b.A is not None else a.new_ones(*a.shape[:2], 1)
+                            for b in bases[li]
+                        ]
+                    )
+            corr: list[list[Tensor]] = [[0.0] * len(layer) for layer in bases]
+            for grads in cap.iter_output_gradients(fc, vectors):
+                with torch.no_grad():
+                    for li, g in enumerate(grads):
+                        for j, b in enumerate(bases[li]):
+                            sq = per_example_sq(rotated[li][j], g @ b.eig_G.vectors)
+                            corr[li][j] = corr[li][j] + sq
+        for li in range(len(self.specs)):
+            if self.E_sum[li] is None:
+                self.E_sum[li] = corr[li]
+            else:
+                self.E_sum[li] = [e + c for e, c in zip(self.E_sum[li], corr[li], strict=True)]
 
     # ------------------------------------------------------------------------- results
     def blocks(self) -> list[list[KronBlock]]:
@@ -705,11 +729,6 @@ def per_example_sq(a: Tensor, g: Tensor, chunk: int = _EKFAC_CHUNK) -> Tensor:
         per = torch.einsum("kbto,bti->kboi", g[:, s : s + step], a[s : s + step])
         out += (per**2).sum(dim=(0, 1))
     return out
-
-
-def _ekfac_corrections(a: Tensor, g: Tensor, block: KronBlock) -> Tensor:
-    """``sum_{k,n} (Q_G^T (sum_t g a^T) Q_A)^2`` for ``a [B, T, d_in]``, ``g [K, B, T, d_out]``."""
-    return per_example_sq(a @ block.eig_A.vectors, g @ block.eig_G.vectors)
 
 
 @dataclass
