@@ -302,13 +302,9 @@ class CurvatureFitter:
             with torch.no_grad():
                 rotated = []  # a Q_A per block, computed once for all output-gradient vectors
                 for li, spec in enumerate(self.specs):
-                    a = cap.layer_inputs(spec)
-                    # A bias-only block sees the constant input 1 at every position.
+                    a = cap.layer_inputs(spec, native=True, workspace=self._work)
                     rotated.append(
-                        [
-                            a @ b.eig_A.vectors if b.A is not None else a.new_ones(*a.shape[:2], 1)
-                            for b in bases[li]
-                        ]
+                        [self._rotate_inputs(li, j, a, b) for j, b in enumerate(bases[li])]
                     )
             corr: list[list[Tensor]] = [[0.0] * len(layer) for layer in bases]
             for grads in cap.iter_output_gradients(fc, vectors):
@@ -322,6 +318,26 @@ class CurvatureFitter:
                 self.E_sum[li] = corr[li]
             else:
                 self.E_sum[li] = [e + c for e, c in zip(self.E_sum[li], corr[li], strict=True)]
+
+    def _rotate_inputs(self, li: int, j: int, a: Tensor, block: KronBlock) -> Tensor:
+        """``a Q_A`` for native-order inputs ``a [B, T, d]``: the eigenbasis rows are permuted to
+        the native column order instead of the inputs to the weight order."""
+        B, T, d = a.shape
+        if block.A is None:  # a bias-only block sees the constant input 1 at every position
+            return a.new_ones(B, T, 1)
+        Q = block.eig_A.vectors
+        idx = self._orders[li]
+        if idx is not None:
+            if self.specs[li].joint:
+                idx = torch.cat([idx, idx.new_tensor([idx.numel()])])
+            Qn = torch.empty_like(Q)
+            Qn[idx] = Q
+            Q = Qn
+        if not a.is_contiguous():  # channel-first patches of a narrow convolution
+            return a @ Q
+        out = self._work.get(("rotated", li, j), (B, T, Q.shape[1]), a)
+        torch.mm(a.reshape(B * T, d), Q, out=out.view(B * T, -1))
+        return out
 
     # ------------------------------------------------------------------------- results
     def blocks(self) -> list[list[KronBlock]]:
@@ -481,7 +497,12 @@ class CurvatureFitter:
         if kind == "kfac":
             return self.curvature(bases, "kfac")
         self._share_bases(bases)
-        self._local(lambda: self._run_pass("ekfac", data, progress, start, ckpt, settings, bases))
+        try:
+            self._local(
+                lambda: self._run_pass("ekfac", data, progress, start, ckpt, settings, bases)
+            )
+        finally:
+            self._work.clear()
         self._reduce_ekfac(bases)
         return self.curvature(self.ekfac_blocks(bases), "ekfac")
 
