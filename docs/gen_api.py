@@ -16,6 +16,8 @@ MODULES = [
     "laplace_kron.kron",
     "laplace_kron.curvature.kfac",
     "laplace_kron.curvature.capture",
+    "laplace_kron.curvature.gram",
+    "laplace_kron.curvature.checkpoint",
     "laplace_kron.curvature.likelihoods",
     "laplace_kron.posterior",
     "laplace_kron.spectrum",

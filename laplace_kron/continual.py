@@ -30,7 +30,8 @@ from torch import Tensor, nn
 
 from .curvature import ekfac, kfac
 from .curvature.capture import Capture, select_layers
-from .curvature.kfac import _check_model_mode, per_example_sq
+from .curvature.gram import per_example_sq
+from .curvature.kfac import _check_model_mode
 from .curvature.likelihoods import (
     check_fisher,
     check_likelihood,

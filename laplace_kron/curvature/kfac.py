@@ -18,14 +18,9 @@ Frobenius-closest matrix to ``sum grad grad^T`` that is diagonal in the KFAC eig
 
 from __future__ import annotations
 
-import glob
-import hashlib
-import math
 import os
-import pickle
 import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -40,6 +35,16 @@ from .capture import (
     native_to_weight_order,
     select_layers,
 )
+from .checkpoint import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
+    _batch_size,
+    _check_resumed_data,
+    _Checkpoint,
+    _fingerprint,
+    _model_digest,
+)
+from .gram import _gram_lower_, _mirror_, per_example_sq
 from .likelihoods import (
     check_fisher,
     check_likelihood,
@@ -51,11 +56,7 @@ from .likelihoods import (
 __all__ = ["kfac", "ekfac", "CurvatureFitter"]
 
 WEIGHT_SHARING = ("expand", "reduce")
-CHECKPOINT_FORMAT = "laplace_kron.fit_checkpoint"
-CHECKPOINT_VERSION = 1
-DEFAULT_CHECKPOINT_EVERY = 100
 # Per-example EKFAC projections are built in chunks of at most this many entries.
-_EKFAC_CHUNK = 2**24
 
 
 def _check_model_mode(model: nn.Module) -> None:
@@ -697,172 +698,9 @@ class CurvatureFitter:
         return out
 
 
-# Factors at least this wide are accumulated as a 2 x 2 block triangle: 3/4 of the GEMM work
-# (PyTorch has no syrk); measured 1.2-1.9x faster for widths 289 to 2048 on 2 CPU cores
-# (no gain at 145).
-_GRAM_SPLIT = 256
-
-
-def _gram_lower_(out: Tensor, X: Tensor, alpha: float, beta: float = 1.0) -> None:
-    """``out <- beta out + alpha X^T X`` on the diagonal blocks and the block below them.
-
-    For ``d < _GRAM_SPLIT`` the whole matrix is updated; otherwise the upper off-diagonal block
-    is left untouched and :func:`_mirror_` fills it.
-    """
-    d = X.shape[1]
-    if d < _GRAM_SPLIT:
-        out.addmm_(X.T, X, beta=beta, alpha=alpha)
-        return
-    h = d // 2
-    X0, X1 = X[:, :h], X[:, h:]
-    out[:h, :h].addmm_(X0.T, X0, beta=beta, alpha=alpha)
-    out[h:, :h].addmm_(X1.T, X0, beta=beta, alpha=alpha)
-    out[h:, h:].addmm_(X1.T, X1, beta=beta, alpha=alpha)
-
-
-def _mirror_(M: Tensor) -> None:
-    """Copy the lower off-diagonal block of a :func:`_gram_lower_` result to the upper one."""
-    d = M.shape[0]
-    if d >= _GRAM_SPLIT:
-        h = d // 2
-        M[:h, h:].copy_(M[h:, :h].T)
-
-
 def _order(module: nn.Module, model: nn.Module) -> Tensor | None:
     idx = native_to_weight_order(module)
     return None if idx is None else idx.to(next(model.parameters()).device)
-
-
-def per_example_sq(a: Tensor, g: Tensor, chunk: int = _EKFAC_CHUNK) -> Tensor:
-    """``sum_{k,n} (sum_t g[k,n,t] a[n,t]^T)^2`` for ``a [B, T, i]``, ``g [K, B, T, o]`` -> ``[o, i]``.
-
-    The squared per-example (per output-gradient vector) weight gradients, summed over shared
-    positions before squaring. ``T = 1`` is one GEMM; otherwise per-example gradients are built in
-    chunks of at most ``chunk`` elements.
-    """
-    K, B, T, d_out = g.shape
-    d_in = a.shape[-1]
-    if T == 1:
-        return torch.einsum("kbo,bi->oi", g[:, :, 0] ** 2, a[:, 0] ** 2)
-    out = g.new_zeros(d_out, d_in)
-    step = max(1, chunk // max(1, K * d_out * d_in))
-    for s in range(0, B, step):
-        per = torch.einsum("kbto,bti->kboi", g[:, s : s + step], a[s : s + step])
-        out += (per**2).sum(dim=(0, 1))
-    return out
-
-
-@dataclass
-class _Checkpoint:
-    """Where and how often a fit saves its accumulation (one file per rank when distributed)."""
-
-    path: str
-    every: int
-
-    @classmethod
-    def make(cls, checkpoint, every: int | None, distributed: bool) -> _Checkpoint | None:
-        if checkpoint is None:
-            if every is not None:
-                raise ValueError("checkpoint_every is given but checkpoint (a file path) is not")
-            return None
-        if not isinstance(checkpoint, (str, os.PathLike)):
-            raise TypeError(f"checkpoint must be a file path, got {type(checkpoint).__name__}")
-        every = DEFAULT_CHECKPOINT_EVERY if every is None else every
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"checkpoint_every must be a positive integer, got {every!r}")
-        path = os.fspath(checkpoint)
-        if distributed:
-            root, ext = os.path.splitext(path)
-            path = f"{root}.rank{dist_utils.get_rank()}{ext}"
-        if os.path.isdir(path):
-            raise ValueError(f"checkpoint {path!r} is a directory; give a file path")
-        return cls(path, every)
-
-    def load(self) -> dict | None:
-        """The saved state, ``None`` if there is no file; never executes pickled code."""
-        if not os.path.exists(self.path):
-            return None
-        try:
-            state = torch.load(self.path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            raise ValueError(
-                f"refusing to load checkpoint {self.path!r}: it is not made of tensors and plain "
-                f"data only (a foreign, tampered or corrupted file: {e}); nothing was executed"
-            ) from e
-        except (RuntimeError, EOFError, OSError, ValueError) as e:
-            raise ValueError(f"cannot read checkpoint {self.path!r}: {e}") from e
-        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{self.path!r} is not a laplace_kron fit checkpoint")
-        if state.get("version") != CHECKPOINT_VERSION:
-            raise ValueError(
-                f"checkpoint {self.path!r} has version {state.get('version')!r}, this "
-                f"laplace_kron reads version {CHECKPOINT_VERSION}"
-            )
-        return state
-
-    def save(self, state: dict) -> None:
-        """Write to a temp file next to the target, fsync, then atomically rename."""
-        tmp = f"{self.path}.tmp-{os.getpid()}"
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(state, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-
-    def remove(self) -> None:
-        """Delete the checkpoint and temp files left by killed writers (``<path>.tmp-<pid>``)."""
-        for f in [self.path, *glob.glob(glob.escape(self.path) + ".tmp-*")]:
-            if os.path.exists(f):
-                os.remove(f)
-
-
-def _batch_size(y) -> int:
-    return int(y.shape[0]) if isinstance(y, Tensor) and y.ndim else len(y)
-
-
-def _fingerprint(x, y) -> list[float]:
-    """Sizes and float64 sums of a batch's tensors: detects a changed batch order on resume."""
-    tensors = [*(x.values() if isinstance(x, dict) else [x]), y]
-    out = []
-    for t in tensors:
-        if isinstance(t, Tensor):
-            d = t.detach().to(torch.float64)
-            out += [float(t.numel()), float(d.sum()), float(d.abs().sum())]
-    return out
-
-
-def _check_resumed_data(
-    saved_count: int, count: int, saved_fp: list[float] | None, x, y, start: int
-) -> None:
-    fp = _fingerprint(x, y)
-    same = (
-        saved_count == count
-        and saved_fp is not None
-        and len(fp) == len(saved_fp)
-        and all(math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12) for a, b in zip(fp, saved_fp))
-    )
-    if not same:
-        raise ValueError(
-            f"resuming from a checkpoint after {start} batches, but the data does not yield the "
-            "same batches in the same order (a shuffling DataLoader? use shuffle=False or a seeded "
-            "sampler), or it is different data; delete the checkpoint to start over"
-        )
-
-
-def _model_digest(model: nn.Module) -> str:
-    """SHA-256 of the model's parameters and buffers (names, dtypes, shapes and values)."""
-    h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        if not isinstance(t, Tensor):
-            continue
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def _fit(kind: str, model, data, likelihood, **kw) -> KronCurvature:
