@@ -10,8 +10,8 @@
   ``torch.cat`` / ``torch.stack`` for one KFAC fit, next to one fwd+bwd epoch.
 * ``eigh``: per-factor ``eigh`` time in float64 (what laplace_kron does) and float32 (what
   laplace-torch does), 1 and 2 threads, and the fraction of (clamped) zero eigenvalues.
-* ``tune``: cost of one evidence + gradient evaluation over the cached spectrum, and a prototype
-  of the proposed Newton iteration on ``log delta`` (zero eigenvalues counted once, no logs).
+* ``tune``: the default (Newton on ``log delta``) and Adam tuning, one evidence + gradient
+  evaluation, and one pass over the compressed spectrum per kind of sum.
 * ``predict``: operator table of the GLM probit predictive.
 
 Same models, data and cached MAP weights as ``benchmarks/run.py`` (``--cache-dir``).
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import math
 import os
 import pstats
 import sys
@@ -138,42 +137,20 @@ def prof_tune(p, args):
         la.log_marginal_likelihood(d).backward()
 
     print(f"one evidence + gradient: {_median_time(one, 10) * 1e3:.1f} ms")
-    eigs, _, sq = la._spectrum()
-    nz = eigs[eigs > 0]
-    P, n0, S = eigs.numel(), eigs.numel() - nz.numel(), float(sq.sum())
-    print(f"spectrum: {P:,} eigenvalues, {n0:,} exactly zero ({n0 / P:.0%})")
+    spec = la._spectrum()
+    P, n0 = spec.n_params, spec.n_params - spec.eigs.numel()
+    print(f"spectrum: {P:,} eigenvalues, {n0:,} exactly zero ({n0 / P:.0%}), kept {P - n0:,}")
+    deltas = torch.ones(spec.n_blocks, dtype=torch.float64)
+    c = float(la.precision_scale())
+    for powers in (("r", "r2"), ("log", "r"), ("log",)):
+        t = _median_time(lambda powers=powers: spec.sums(c, deltas, powers), 10)
+        print(f"one pass over the spectrum for {powers}: {t * 1e3:.1f} ms")
     pr = cProfile.Profile()
     pr.enable()
     for _ in range(10):
         one()
     pr.disable()
     pstats.Stats(pr).sort_stats("tottime").print_stats(6)
-    c = float(la.precision_scale())
-
-    def newton():
-        # d evidence / d log(delta) = 1/2 (P - delta S - sum_i delta / (c l_i + delta))
-        t = 0.0
-        for it in range(100):  # noqa: B007 - the count is returned
-            dl = math.exp(t)
-            r = dl / (c * nz + dl)
-            s1 = float(r.sum()) + n0
-            s2 = float((r * (1 - r)).sum())
-            g = 0.5 * (P - dl * S - s1)
-            h = -0.5 * (dl * S + s2)
-            step = -g / h
-            t += step
-            if abs(step) < 1e-9:
-                break
-        return math.exp(t), it + 1
-
-    dn, its = newton()
-    la.prior_precision = 1.0
-    la.optimize_prior_precision(optimizer="lbfgs")
-    print(
-        f"prototype Newton on log delta (zeros counted once, no logs): {its} iterations, "
-        f"{_median_time(newton, 5) * 1e3:.1f} ms, delta {dn:.8g} (L-BFGS: "
-        f"{float(la.prior_precision):.8g})"
-    )
 
 
 def prof_predict(p, args):
