@@ -286,7 +286,12 @@ def _block_moments(
     ``g [C, b, T, d_out]`` output-gradients, ``linv [d_out, d_in]`` inverse damped eigenvalues.
     """
     blk = plan.block
-    ghat = g @ blk.eig_G.vectors.to(g.dtype)  # [C, b, T, d_out]
+    QG = blk.eig_G.vectors.to(g.dtype)
+    if g.shape[2] > 1 and g.mT.is_contiguous():
+        # Channel-first convolution gradients: rotate them as [d_out, T] matrices (no copy).
+        ghat = (QG.T @ g.mT).mT  # [C, b, T, d_out]
+    else:
+        ghat = g @ QG  # [C, b, T, d_out]
     C, b, T, d_out = ghat.shape
     if blk.A is None:
         ahat = a.new_ones(b, T, 1)
@@ -356,9 +361,12 @@ def _output_gradients(
                 for o in s.outputs:
                     g = grads[i]
                     g = o.new_zeros(C, *o.shape) if g is None else g
-                    gs.append(flatten_output(s.module, g.flatten(0, 1)).unflatten(0, (C, -1)))
+                    if isinstance(s.module, nn.Linear):
+                        gs.append(flatten_output(s.module, g.flatten(0, 1)).unflatten(0, (C, -1)))
+                    else:  # channel-first [C, b, d_out, T], returned as a transposed view
+                        gs.append(g.flatten(3).mT if g.ndim == 5 else g.mT)
                     i += 1
-                result.append(torch.cat(gs, dim=2))
+                result.append(gs[0] if len(gs) == 1 else torch.cat(gs, dim=2))
             return result, True
     return cap.output_gradients(f, vectors), False
 
@@ -407,6 +415,7 @@ def _glm(
     elif not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     fs, covs, tail = [], [], None
+    linvs: dict[int, Tensor] = {}
     for start in range(0, B, batch_size):
         stop = min(B, start + batch_size)
         xb = _slice(x, start, stop, B)
@@ -421,10 +430,12 @@ def _glm(
             cap.clear()
         with torch.no_grad():
             acc = None
-            for plan in plans:
+            for j, plan in enumerate(plans):
                 # Layer inputs carry a ones column exactly when the block holds a joint bias.
                 a, g = inputs[plan.layer], grads[plan.layer]
-                part = _block_moments(plan, a, g, diag, chunk_size, plan.inv_eigvals())
+                if j not in linvs:  # once per call (P numbers in all), not once per chunk
+                    linvs[j] = plan.inv_eigvals()
+                part = _block_moments(plan, a, g, diag, chunk_size, linvs[j])
                 acc = part if acc is None else acc.add_(part)
             fs.append(f2.detach())
             covs.append(acc)
