@@ -80,6 +80,20 @@ class CNN(nn.Sequential):
         )
 
 
+class WideCNN(nn.Sequential):
+    """Convolutions with 36 and 54 patch columns (channels-last patches by default)."""
+
+    def __init__(self, d_out=3):
+        super().__init__(
+            nn.Conv2d(4, 6, kernel_size=3, padding=1),  # 7x7 -> 7x7
+            nn.Tanh(),
+            nn.Conv2d(6, 5, kernel_size=3, stride=2),  # 7x7 -> 3x3
+            nn.Tanh(),
+            nn.Flatten(),
+            nn.Linear(45, d_out),
+        )
+
+
 def make_data(likelihood: str, n: int, d_out: int, x_shape=(4,), seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, *x_shape, generator=g, dtype=torch.float64)

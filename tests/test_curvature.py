@@ -3,11 +3,11 @@ curvlinops."""
 
 import pytest
 import torch
-from _dense import CNN, MLP, block_mask, exact_ggn, make_data, rel_err
+from _dense import CNN, MLP, WideCNN, block_mask, exact_ggn, make_data, rel_err
 from torch import nn
 
 import laplace_kron as lk
-from laplace_kron.curvature import output_gradient_vectors
+from laplace_kron.curvature import capture, output_gradient_vectors
 
 DEFAULT_DTYPE = torch.float64  # applied per test by conftest.py
 
@@ -194,8 +194,16 @@ def test_weight_tying_counts_every_call_as_positions():
 @pytest.mark.parametrize("likelihood,d_out", LIKS)
 @pytest.mark.parametrize("Model,x_shape", MODELS)
 @pytest.mark.parametrize("weight_sharing", ["expand", "reduce"])
-def test_matches_curvlinops(kind, likelihood, d_out, Model, x_shape, weight_sharing):
+@pytest.mark.parametrize("layout", ["default", "channels_last"])
+def test_matches_curvlinops(
+    kind, likelihood, d_out, Model, x_shape, weight_sharing, layout, monkeypatch
+):
     curvlinops = pytest.importorskip("curvlinops")
+    if layout == "channels_last":
+        if Model is not CNN:
+            pytest.skip("no convolution")
+        # Force the channels-last patches (and the permuted Gram) for every convolution.
+        monkeypatch.setattr(capture, "_CHANNEL_FIRST_MAX_COLUMNS", 0)
     if kind == "ekfac" and weight_sharing == "reduce" and Model is CNN:
         # reduce-A of the first conv is rank-deficient with few data: the EKFAC eigenbasis is not
         # unique there, so compare on enough data for a unique basis.
@@ -231,3 +239,22 @@ def test_matches_curvlinops(kind, likelihood, d_out, Model, x_shape, weight_shar
         model, data, likelihood, fisher="exact", separate_bias=True, weight_sharing=weight_sharing
     )
     assert rel_err(ours.to_dense(), ref) < 1e-6
+
+
+@pytest.mark.parametrize("kind", ["kfac", "ekfac"])
+@pytest.mark.parametrize("weight_sharing", ["expand", "reduce"])
+@pytest.mark.parametrize("separate_bias", [False, True])
+def test_patch_layouts_give_the_same_curvature(kind, weight_sharing, separate_bias, monkeypatch):
+    """Channels-last patches with a permuted Gram == channel-first patches in weight order."""
+    model = WideCNN()
+    # Enough data for full-rank factors: EKFAC's eigenbasis is unique only then (see above).
+    n = 80 if kind == "ekfac" and weight_sharing == "reduce" else 12
+    x, y = make_data("classification", n, 3, (4, 7, 7))
+    data = [(x[: n // 2], y[: n // 2]), (x[n // 2 :], y[n // 2 :])]
+    fn = lk.kfac if kind == "kfac" else lk.ekfac
+    kw = dict(fisher="exact", separate_bias=separate_bias, weight_sharing=weight_sharing)
+    results = []
+    for limit in (0, 10**6):
+        monkeypatch.setattr(capture, "_CHANNEL_FIRST_MAX_COLUMNS", limit)
+        results.append(fn(model, data, "classification", **kw).to_dense())
+    assert rel_err(results[0], results[1]) < (1e-10 if kind == "ekfac" else 1e-12)

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from _dense import CNN, MLP, jacobian, make_data, rel_err
+from _dense import CNN, MLP, WideCNN, jacobian, make_data, rel_err
 from torch import nn
 from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
@@ -37,10 +37,10 @@ def _fit(
 ):
     torch.manual_seed(0)
     if model is None:
-        model = MLP(d_out=d_out) if arch == "mlp" else CNN(d_out=d_out)
+        model = {"mlp": MLP, "cnn": CNN, "widecnn": WideCNN}[arch](d_out=d_out)
     model = model.to(DT)
     if x_shape is None:
-        x_shape = (4,) if arch == "mlp" else (2, 6, 6)
+        x_shape = {"mlp": (4,), "cnn": (2, 6, 6), "widecnn": (4, 7, 7)}[arch]
     x, y = make_data(likelihood, n, d_out, x_shape)
     x = x.to(DT)
     kw.setdefault("prior_precision", 0.7)
@@ -60,7 +60,7 @@ def _dense_cov(la, model, x):
 # ----------------------------------------------------------------------------- exactness
 
 
-@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+@pytest.mark.parametrize("arch", ["mlp", "cnn", "widecnn"])
 @pytest.mark.parametrize("curvature", ["kfac", "ekfac"])
 @pytest.mark.parametrize("separate_bias", [False, True])
 @pytest.mark.parametrize("modules", [None, "last_layer"])
