@@ -64,6 +64,10 @@ def symeig(factor: Tensor) -> Eigen:
     live = f64.diagonal() != 0
     n = f64.shape[0]
     n_live = int(live.sum())
+    # A zero diagonal entry of a PSD matrix forces a zero row; anything else is not PSD, and then
+    # the whole matrix goes to eigh (which reports its negative eigenvalues, clamped below).
+    if n_live < n and bool(f64[~live].any()):
+        n_live = n
     if n_live == n:
         values, vectors = torch.linalg.eigh(f64)
     else:

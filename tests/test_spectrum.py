@@ -116,3 +116,10 @@ def test_native_patches_match_unfold_and_reuse_buffers(name):
     if isinstance(module, nn.Conv2d):
         unfolded = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
         assert torch.equal(unfold_input(module, x), unfolded.transpose(1, 2))
+
+
+def test_symeig_zero_diagonal_of_a_non_psd_matrix_uses_the_full_matrix():
+    M = torch.tensor([[0.0, 1.0], [1.0, 2.0]])  # indefinite: no row may be dropped
+    eig = symeig(M)
+    ref = torch.linalg.eigvalsh(M).clamp_min(0)
+    assert torch.allclose(eig.values.sort().values, ref.sort().values)

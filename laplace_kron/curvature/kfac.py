@@ -485,6 +485,7 @@ class CurvatureFitter:
             return pass_name, start
 
         pass_name, start = self._local(first_phase)
+        self._mirror()  # complete factor sums (A_sum, G_sum are public state)
         if self._dist:
             self._check_same_pass(pass_name)
         if pass_name == "kfac":
