@@ -258,3 +258,26 @@ def test_patch_layouts_give_the_same_curvature(kind, weight_sharing, separate_bi
         monkeypatch.setattr(capture, "_CHANNEL_FIRST_MAX_COLUMNS", limit)
         results.append(fn(model, data, "classification", **kw).to_dense())
     assert rel_err(results[0], results[1]) < (1e-10 if kind == "ekfac" else 1e-12)
+
+
+@pytest.mark.parametrize("likelihood,d_out", [("classification", 5), ("regression", 3)])
+def test_closed_form_output_layer_G_equals_the_vector_sum(likelihood, d_out, monkeypatch):
+    """Exact Fisher: the output layer's G in closed form == the sum over C backpropagated vectors."""
+    model = MLP(d_out=d_out)
+    x, y = make_data(likelihood, 30, d_out)
+    data = [(x[:15], y[:15]), (x[15:], y[15:])]
+    handled = []
+    closed_form = lk.curvature.CurvatureFitter._closed_form_G
+
+    def spy(self, f):
+        done = closed_form(self, f)
+        handled.append(done)
+        return done
+
+    monkeypatch.setattr(lk.curvature.CurvatureFitter, "_closed_form_G", spy)
+    fast = lk.kfac(model, data, likelihood, fisher="exact")
+    assert handled == [{len(fast.blocks) - 1}] * 2  # the output layer, in both batches
+    monkeypatch.setattr(lk.curvature.CurvatureFitter, "_closed_form_G", lambda self, f: set())
+    slow = lk.kfac(model, data, likelihood, fisher="exact")
+    for bf, bs in zip(fast.blocks, slow.blocks, strict=True):
+        torch.testing.assert_close(bf.G, bs.G, rtol=1e-12, atol=1e-14)
