@@ -10,7 +10,7 @@ __all__ = ["per_example_sq"]
 _EKFAC_CHUNK = 2**24
 
 # Factors at least this wide are accumulated as a 2 x 2 block triangle: 3/4 of the GEMM work
-# (PyTorch has no syrk); measured 1.2-1.9x faster for widths 289 to 2048 on 2 CPU cores
+# (PyTorch has no syrk); measured 1.1-1.3x faster for widths 289 to 2048 on 2 CPU cores
 # (no gain at 145).
 _GRAM_SPLIT = 256
 
