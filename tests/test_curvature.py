@@ -281,3 +281,30 @@ def test_closed_form_output_layer_G_equals_the_vector_sum(likelihood, d_out, mon
     slow = lk.kfac(model, data, likelihood, fisher="exact")
     for bf, bs in zip(fast.blocks, slow.blocks, strict=True):
         torch.testing.assert_close(bf.G, bs.G, rtol=1e-12, atol=1e-14)
+
+
+def test_exact_vectors_in_chunks(monkeypatch):
+    """Chunked exact-Fisher vectors are the full set, and a fit over many chunks (the graph kept
+    between them) equals the one-chunk fit."""
+    from laplace_kron.curvature import likelihoods
+
+    f = torch.randn(6, 7)
+    y = torch.randint(0, 7, (6,))
+    full = likelihoods.output_gradient_vectors(f, y, "classification", "exact")
+    parts = list(
+        likelihoods.iter_output_gradient_vectors(f, y, "classification", "exact", max_elements=90)
+    )
+    assert len(parts) == 4  # 2 vectors of 6 x 7 per chunk
+    torch.testing.assert_close(torch.cat(parts), full)
+    S = full.permute(1, 2, 0)  # [B, C, K]
+    H = torch.diag_embed(torch.softmax(f, -1)) - torch.einsum(
+        "bi,bj->bij", torch.softmax(f, -1), torch.softmax(f, -1)
+    )
+    torch.testing.assert_close(S @ S.transpose(1, 2), H)
+
+    model = CNN(d_out=5)
+    x, y = make_data("classification", 8, 5, (2, 6, 6))
+    one = lk.ekfac(model, [(x, y)], "classification", fisher="exact").to_dense()
+    monkeypatch.setattr(likelihoods, "VECTOR_CHUNK_ELEMENTS", 8 * 5)  # one vector per chunk
+    many = lk.ekfac(model, [(x, y)], "classification", fisher="exact").to_dense()
+    assert rel_err(many, one) < 1e-12

@@ -381,14 +381,16 @@ class Capture:
             a = torch.cat([a, a.new_ones(*a.shape[:2], 1)], dim=2)
         return a
 
-    def iter_output_gradients(self, f: Tensor, vectors: Tensor) -> Iterator[list[Tensor]]:
+    def iter_output_gradients(
+        self, f: Tensor, vectors: Tensor, retain_graph: bool = False
+    ) -> Iterator[list[Tensor]]:
         """Backpropagate each vector ``s_k`` (``vectors [K, B, C]``) from the output ``f``.
 
         Yields, for ``k = 1..K`` in turn, per layer ``g [1, B, T, d_out]``: the gradient of
         ``sum_b s_k[b] . f[b]`` w.r.t. the layer outputs (one backward pass each). Consuming them
         one at a time keeps memory at one vector's gradients (the exact Fisher has ``K = C``).
         Convolution gradients are ``[B, T, C]`` views of the channel-first tensors autograd
-        returns (no copy).
+        returns (no copy). The graph is freed after the last vector unless ``retain_graph``.
         """
         outs = [o for spec in self.specs for o in spec.outputs]
         for o, spec in zip(outs, [s for s in self.specs for _ in s.outputs]):
@@ -403,7 +405,7 @@ class Capture:
                 f,
                 outs,
                 grad_outputs=vectors[k].reshape(f.shape),
-                retain_graph=k < K - 1,
+                retain_graph=retain_graph or k < K - 1,
                 allow_unused=True,
             )
             grads = [torch.zeros_like(o) if g is None else g for o, g in zip(outs, grads)]

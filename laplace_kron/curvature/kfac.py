@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -48,8 +48,8 @@ from .gram import _gram_lower_, _mirror_, per_example_sq
 from .likelihoods import (
     check_fisher,
     check_likelihood,
+    iter_output_gradient_vectors,
     nll_sum,
-    output_gradient_vectors,
     prepare_targets,
 )
 
@@ -195,9 +195,8 @@ class CurvatureFitter:
         return [n for n, _ in self.model.named_parameters() if n in covered]
 
     # ------------------------------------------------------------------------- passes
-    def _forward(self, x, y, i: int, cap: Capture) -> tuple[Tensor, Tensor, Tensor]:
-        """Forward pass with checks: prepared output ``[B, C]``, targets, output-gradient
-        vectors ``[K, B, C]``."""
+    def _forward(self, x, y, i: int, cap: Capture) -> tuple[Tensor, Tensor]:
+        """Forward pass with checks: prepared output ``[B, C]`` and targets."""
         _check_finite_inputs(x, i)
         _check_finite_targets(y, i)
         x = _to_device(x, self.device)
@@ -211,18 +210,26 @@ class CurvatureFitter:
                 f"batch {i}: the network output contains NaN or Inf although the inputs are "
                 "finite (NaN produced inside the network); check the weights and the forward pass"
             )
-        fc, yc = prepare_targets(f, y, self.likelihood)
-        vectors = output_gradient_vectors(
+        return prepare_targets(f, y, self.likelihood)
+
+    def _output_gradients(self, cap: Capture, fc: Tensor, yc: Tensor) -> Iterator[list[Tensor]]:
+        """Per output-gradient vector, the layers' output-gradients ``[1, B, T, d_out]``; the
+        vectors are drawn in chunks (:func:`iter_output_gradient_vectors`)."""
+        chunks = iter_output_gradient_vectors(
             fc, yc, self.likelihood, self.fisher, self.mc_samples, self._gen
         )
-        return fc, yc, vectors
+        vectors = next(chunks)
+        for following in chunks:
+            yield from cap.iter_output_gradients(fc, vectors, retain_graph=True)
+            vectors = following
+        yield from cap.iter_output_gradients(fc, vectors)
 
     def accumulate_kfac(self, x, y, i: int = 0) -> None:
         """Add one batch to the KFAC factors (first pass); an empty batch adds nothing."""
         if _is_empty(y):
             return
         with Capture(self.specs) as cap:
-            fc, yc, vectors = self._forward(x, y, i, cap)
+            fc, yc = self._forward(x, y, i, cap)
             with torch.no_grad():
                 for li, spec in enumerate(self.specs):
                     if spec.has_weight:
@@ -230,7 +237,7 @@ class CurvatureFitter:
                         self._add_A(li, spec, a)
             closed = self._closed_form_G(fc)
             # One output-gradient vector at a time: G needs only sums over vectors.
-            for grads in cap.iter_output_gradients(fc, vectors):
+            for grads in self._output_gradients(cap, fc, yc):
                 with torch.no_grad():
                     for li, g in enumerate(grads):
                         if li not in closed:
@@ -328,7 +335,7 @@ class CurvatureFitter:
         if _is_empty(y):
             return
         with Capture(self.specs) as cap:
-            fc, _, vectors = self._forward(x, y, i, cap)
+            fc, yc = self._forward(x, y, i, cap)
             with torch.no_grad():
                 rotated = []  # a Q_A per block, computed once for all output-gradient vectors
                 for li, spec in enumerate(self.specs):
@@ -337,7 +344,7 @@ class CurvatureFitter:
                         [self._rotate_inputs(li, j, a, b) for j, b in enumerate(bases[li])]
                     )
             corr: list[list[Tensor]] = [[0.0] * len(layer) for layer in bases]
-            for grads in cap.iter_output_gradients(fc, vectors):
+            for grads in self._output_gradients(cap, fc, yc):
                 with torch.no_grad():
                     for li, g in enumerate(grads):
                         for j, b in enumerate(bases[li]):

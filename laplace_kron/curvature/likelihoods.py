@@ -21,6 +21,7 @@ gradient ``d loss / d f``. Regression curvature is stored for ``sigma = 1``.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -132,6 +133,44 @@ def nll_sum(f: Tensor, y: Tensor, likelihood: str) -> tuple[Tensor, Tensor]:
     return 0.5 * sse + 0.5 * f.numel() * math.log(2 * math.pi), sse
 
 
+# Output-gradient vectors of the exact classification Fisher are drawn in chunks of this size.
+VECTOR_CHUNK_ELEMENTS = 1 << 22
+
+
+def softmax_hessian_sqrt_columns(p: Tensor, k0: int, k1: int) -> Tensor:
+    """Columns ``k0..k1-1`` of ``S_b = diag(sqrt p_b) - p_b sqrt(p_b)^T`` (``S_b S_b^T`` is the
+    softmax cross-entropy Hessian ``diag(p_b) - p_b p_b^T``) as vectors ``[k1 - k0, B, C]``:
+    vector ``k`` is ``sqrt(p_bk) (e_k - p_b)``."""
+    B, C = p.shape
+    sq = p[:, k0:k1].sqrt().T.unsqueeze(2)  # [K, B, 1]
+    out = -p.unsqueeze(0) * sq  # [K, B, C]
+    idx = torch.arange(k0, k1, device=p.device)
+    out[torch.arange(k1 - k0, device=p.device), :, idx] += sq[..., 0]
+    return out
+
+
+def iter_output_gradient_vectors(
+    f: Tensor,
+    y: Tensor,
+    likelihood: str,
+    fisher: str,
+    mc_samples: int = 1,
+    generator: torch.Generator | None = None,
+    max_elements: int | None = None,
+) -> Iterator[Tensor]:
+    """:func:`output_gradient_vectors` in chunks ``[K_c, B, C]`` of at most about ``max_elements``
+    numbers (the exact classification Fisher has ``K = C`` vectors: ``B C^2`` numbers at once
+    otherwise); a single chunk for every other case, so random streams are unchanged."""
+    if fisher != "exact" or likelihood != "classification":
+        yield output_gradient_vectors(f, y, likelihood, fisher, mc_samples, generator)
+        return
+    p = torch.softmax(f.detach(), dim=-1)
+    B, C = p.shape
+    step = max(1, (max_elements or VECTOR_CHUNK_ELEMENTS) // max(1, B * C))
+    for k0 in range(0, C, step):
+        yield softmax_hessian_sqrt_columns(p, k0, min(C, k0 + step))
+
+
 def output_gradient_vectors(
     f: Tensor,
     y: Tensor,
@@ -149,11 +188,7 @@ def output_gradient_vectors(
     B, C = f.shape
     if fisher == "exact":
         if likelihood == "classification":
-            p = torch.softmax(f, dim=-1)
-            sq = p.sqrt()
-            # S[b] = diag(sqrt p) - p sqrt(p)^T ; column c is the vector of index k = c.
-            S = torch.diag_embed(sq) - p.unsqueeze(2) * sq.unsqueeze(1)
-            return S.permute(2, 0, 1)
+            return softmax_hessian_sqrt_columns(torch.softmax(f, dim=-1), 0, C)
         if likelihood == "regression":
             eye = torch.eye(C, dtype=f.dtype, device=f.device)
             return eye.unsqueeze(1).expand(C, B, C).clone()
