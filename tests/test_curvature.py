@@ -262,7 +262,8 @@ def test_patch_layouts_give_the_same_curvature(kind, weight_sharing, separate_bi
 
 @pytest.mark.parametrize("likelihood,d_out", [("classification", 5), ("regression", 3)])
 def test_closed_form_output_layer_G_equals_the_vector_sum(likelihood, d_out, monkeypatch):
-    """Exact Fisher: the output layer's G in closed form == the sum over C backpropagated vectors."""
+    """Exact Fisher: the output layer's G (and EKFAC eigenvalues) in closed form == the sums over
+    C backpropagated vectors."""
     model = MLP(d_out=d_out)
     x, y = make_data(likelihood, 30, d_out)
     data = [(x[:15], y[:15]), (x[15:], y[15:])]
@@ -277,10 +278,15 @@ def test_closed_form_output_layer_G_equals_the_vector_sum(likelihood, d_out, mon
     monkeypatch.setattr(lk.curvature.CurvatureFitter, "_closed_form_G", spy)
     fast = lk.kfac(model, data, likelihood, fisher="exact")
     assert handled == [{len(fast.blocks) - 1}] * 2  # the output layer, in both batches
+    fast_e = lk.ekfac(model, data, likelihood, fisher="exact", separate_bias=True)
     monkeypatch.setattr(lk.curvature.CurvatureFitter, "_closed_form_G", lambda self, f: set())
+    monkeypatch.setattr(lk.curvature.CurvatureFitter, "_output_layers", lambda self, f: set())
     slow = lk.kfac(model, data, likelihood, fisher="exact")
     for bf, bs in zip(fast.blocks, slow.blocks, strict=True):
         torch.testing.assert_close(bf.G, bs.G, rtol=1e-12, atol=1e-14)
+    slow_e = lk.ekfac(model, data, likelihood, fisher="exact", separate_bias=True)
+    for bf, bs in zip(fast_e.blocks, slow_e.blocks, strict=True):
+        torch.testing.assert_close(bf.eigenvalues, bs.eigenvalues, rtol=1e-10, atol=1e-13)
 
 
 def test_exact_vectors_in_chunks(monkeypatch):

@@ -249,21 +249,24 @@ class CurvatureFitter:
             self.n_outputs = fc.shape[1]
             self.num_data += fc.shape[0]
 
-    def _closed_form_G(self, f: Tensor) -> set[int]:
-        """Add ``G`` of the layers whose output *is* the network output ``f`` in closed form.
-
-        With the exact Fisher, ``G = sum_n sum_k s_nk s_nk^T`` for such a layer is the summed loss
-        Hessian: ``sum_n diag(p_n) - p_n p_n^T`` for softmax cross-entropy and ``N I`` for the
-        Gaussian, ``O(B C^2)`` per batch instead of ``O(B C^3)`` from ``C`` vectors. Returns the
-        indices of the layers handled.
-        """
+    def _output_layers(self, f: Tensor) -> set[int]:
+        """Layers whose output *is* the network output ``f``, when the exact Fisher makes their
+        curvature the summed loss Hessian ``H_n`` (``diag(p_n) - p_n p_n^T`` for softmax
+        cross-entropy, ``I`` for the Gaussian): those get closed forms instead of ``C`` vectors."""
         if self.fisher != "exact" or self.likelihood == "binary":
             return set()
-        done = set()
+        return {
+            li
+            for li, spec in enumerate(self.specs)
+            if len(spec.outputs) == 1 and spec.outputs[0] is f
+        }
+
+    def _closed_form_G(self, f: Tensor) -> set[int]:
+        """Add ``G = sum_n H_n`` of the :meth:`_output_layers`, ``O(B C^2)`` per batch instead of
+        ``O(B C^3)`` from ``C`` vectors. Returns the indices of the layers handled."""
+        done = self._output_layers(f)
         with torch.no_grad():
-            for li, spec in enumerate(self.specs):
-                if len(spec.outputs) != 1 or spec.outputs[0] is not f:
-                    continue
+            for li in done:
                 C = f.shape[1]
                 if self.G_sum[li] is None:
                     self.G_sum[li] = f.new_zeros(C, C)
@@ -273,8 +276,15 @@ class CurvatureFitter:
                     self.G_sum[li].addmm_(p.T, p, alpha=-1.0)
                 else:
                     self.G_sum[li].diagonal().add_(float(f.shape[0]))
-                done.add(li)
         return done
+
+    def _hessian_diag(self, f: Tensor, Q: Tensor) -> Tensor:
+        """``diag(Q^T H_n Q)`` per datum, ``[B, C]``: ``sum_k (Q^T s_nk)^2`` for the exact vectors."""
+        if self.likelihood == "classification":
+            p = torch.softmax(f.detach(), dim=-1)
+            # A sum of squares: clamp the round-off of the difference (directions with H q = 0).
+            return (p @ Q.square() - (p @ Q).square()).clamp_min_(0)
+        return f.new_ones(f.shape)  # H = I and Q is orthonormal
 
     def _add_A(self, li: int, spec: LayerSpec, a: Tensor) -> None:
         """Add ``sum a a^T`` (``1/T`` times for KFAC-expand) of one batch, ``a [B, T, d_in]``.
@@ -344,9 +354,17 @@ class CurvatureFitter:
                         [self._rotate_inputs(li, j, a, b) for j, b in enumerate(bases[li])]
                     )
             corr: list[list[Tensor]] = [[0.0] * len(layer) for layer in bases]
+            closed = self._output_layers(fc)
+            with torch.no_grad():
+                for li in closed:  # one position per datum: E = sum_n diag(Q^T H_n Q) (x) r_n^2
+                    for j, b in enumerate(bases[li]):
+                        u = self._hessian_diag(fc, b.eig_G.vectors.to(fc.dtype))
+                        corr[li][j] = u.T @ rotated[li][j][:, 0].square()
             for grads in self._output_gradients(cap, fc, yc):
                 with torch.no_grad():
                     for li, g in enumerate(grads):
+                        if li in closed:
+                            continue
                         for j, b in enumerate(bases[li]):
                             sq = per_example_sq(rotated[li][j], g @ b.eig_G.vectors)
                             corr[li][j] = corr[li][j] + sq
