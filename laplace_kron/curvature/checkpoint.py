@@ -15,7 +15,14 @@ from torch import Tensor, nn
 
 from .. import distributed as dist_utils
 
-__all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "DEFAULT_CHECKPOINT_EVERY"]
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "CHECKPOINT_VERSION",
+    "DEFAULT_CHECKPOINT_EVERY",
+    "checkpoint_state",
+    "fit_settings",
+    "restore",
+]
 
 CHECKPOINT_FORMAT = "laplace_kron.fit_checkpoint"
 CHECKPOINT_VERSION = 1
@@ -133,3 +140,85 @@ def _model_digest(model: nn.Module) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def fit_settings(fitter, kind: str) -> dict:
+    """What a checkpoint must match: the fit, the covered layers and the model's values."""
+    return {
+        "kind": kind,
+        "layers": [
+            [s.name, s.weight_name, s.bias_name, s.joint, s.d_in, s.d_out] for s in fitter.specs
+        ],
+        "likelihood": fitter.likelihood,
+        "fisher": fitter.fisher,
+        "mc_samples": fitter.mc_samples,
+        "weight_sharing": fitter.weight_sharing,
+        "dtype": str(fitter.dtype),
+        "world_size": dist_utils.get_world_size() if fitter._dist else 1,
+        "rank": dist_utils.get_rank() if fitter._dist else 0,
+        "model_sha256": _model_digest(fitter.model),
+    }
+
+
+def checkpoint_state(fitter, settings: dict, pass_name: str, next_batch: int) -> dict:
+    """The accumulation of a :class:`~laplace_kron.curvature.CurvatureFitter` as a checkpoint."""
+    fitter._mirror()
+    fp = None if fitter._last_batch is None else _fingerprint(*fitter._last_batch)
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "settings": settings,
+        "pass": pass_name,
+        "next_batch": next_batch,
+        "pass_data": fitter._pass_data,
+        "fingerprint": fp,
+        "A_sum": list(fitter.A_sum),
+        "G_sum": list(fitter.G_sum),
+        "E_sum": [None if e is None else list(e) for e in fitter.E_sum],
+        "num_data": fitter.num_data,
+        "loss": fitter.loss,
+        "sse": fitter.sse,
+        "n_outputs": fitter.n_outputs,
+        "generator_state": None if fitter._gen is None else fitter._gen.get_state(),
+    }
+
+
+def restore(fitter, state: dict, settings: dict, path: str) -> None:
+    """Load a checkpoint's accumulation after checking it belongs to this fit."""
+    saved = state.get("settings")
+    if not isinstance(saved, dict):
+        raise ValueError(f"checkpoint {path!r} is corrupted: no settings")
+    what = {
+        "layers": "covered layers (names, weight/bias, sizes): it belongs to another model",
+        "model_sha256": "model parameters: the model changed since the checkpoint was written",
+    }
+    for key, value in settings.items():
+        if saved.get(key) != value:
+            reason = what.get(key, f"{key}: saved {saved.get(key)!r}, now {value!r}")
+            raise ValueError(
+                f"checkpoint {path!r} was written for a different fit ({reason}); delete it "
+                "or pass another checkpoint path"
+            )
+    try:
+        n = len(fitter.specs)
+        if state["pass"] not in ("kfac", "ekfac") or not all(
+            len(state[k]) == n for k in ("A_sum", "G_sum", "E_sum")
+        ):
+            raise ValueError("inconsistent layer lists")
+        dev = fitter.device
+        fitter.A_sum = [None if t is None else t.to(dev) for t in state["A_sum"]]
+        fitter.G_sum = [None if t is None else t.to(dev) for t in state["G_sum"]]
+        fitter.E_sum = [None if e is None else [t.to(dev) for t in e] for e in state["E_sum"]]
+        fitter.num_data = int(state["num_data"])
+        fitter.loss, fitter.sse = float(state["loss"]), float(state["sse"])
+        fitter.n_outputs = int(state["n_outputs"])
+        fitter._pass_data = int(state["pass_data"])
+        fitter._resume_fingerprint = state["fingerprint"]
+        gen_state = state["generator_state"]
+        if fitter._gen is not None:
+            if gen_state is None:
+                raise ValueError("no generator state")
+            fitter._gen.set_state(gen_state)
+    except (KeyError, TypeError, AttributeError, ValueError, RuntimeError) as e:
+        fitter.reset()
+        raise ValueError(f"checkpoint {path!r} is corrupted ({e}); delete it") from e

@@ -36,19 +36,20 @@ from .capture import (
     select_layers,
 )
 from .checkpoint import (
-    CHECKPOINT_FORMAT,
-    CHECKPOINT_VERSION,
     _batch_size,
     _check_resumed_data,
     _Checkpoint,
-    _fingerprint,
-    _model_digest,
+    checkpoint_state,
+    fit_settings,
+    restore,
 )
 from .gram import _gram_lower_, _mirror_, per_example_sq
 from .likelihoods import (
     check_fisher,
     check_likelihood,
     iter_output_gradient_vectors,
+    loss_hessian_diag_in_basis,
+    loss_hessian_sum,
     nll_sum,
     prepare_targets,
 )
@@ -56,7 +57,6 @@ from .likelihoods import (
 __all__ = ["kfac", "ekfac", "CurvatureFitter"]
 
 WEIGHT_SHARING = ("expand", "reduce")
-# Per-example EKFAC projections are built in chunks of at most this many entries.
 
 
 def _check_model_mode(model: nn.Module) -> None:
@@ -163,7 +163,7 @@ class CurvatureFitter:
         self.mc_samples = mc_samples
         self.weight_sharing = weight_sharing
         self.specs: list[LayerSpec] = select_layers(model, modules, separate_bias)
-        self._orders = [_order(s.module, model) for s in self.specs]
+        self._orders = [_order(s, model) for s in self.specs]
         self._work = Workspace()
         if generator is None and fisher == "mc":
             generator = torch.Generator().manual_seed(0)
@@ -262,29 +262,14 @@ class CurvatureFitter:
         }
 
     def _closed_form_G(self, f: Tensor) -> set[int]:
-        """Add ``G = sum_n H_n`` of the :meth:`_output_layers`, ``O(B C^2)`` per batch instead of
-        ``O(B C^3)`` from ``C`` vectors. Returns the indices of the layers handled."""
+        """Add ``G = sum_n H_n`` of the :meth:`_output_layers` (:func:`loss_hessian_sum`,
+        ``O(B C^2)`` per batch instead of ``O(B C^3)`` from ``C`` vectors); returns them."""
         done = self._output_layers(f)
         with torch.no_grad():
             for li in done:
-                C = f.shape[1]
-                if self.G_sum[li] is None:
-                    self.G_sum[li] = f.new_zeros(C, C)
-                if self.likelihood == "classification":
-                    p = torch.softmax(f.detach(), dim=-1)
-                    self.G_sum[li].diagonal().add_(p.sum(0))
-                    self.G_sum[li].addmm_(p.T, p, alpha=-1.0)
-                else:
-                    self.G_sum[li].diagonal().add_(float(f.shape[0]))
+                H = loss_hessian_sum(f.detach(), self.likelihood)
+                self.G_sum[li] = H if self.G_sum[li] is None else self.G_sum[li].add_(H)
         return done
-
-    def _hessian_diag(self, f: Tensor, Q: Tensor) -> Tensor:
-        """``diag(Q^T H_n Q)`` per datum, ``[B, C]``: ``sum_k (Q^T s_nk)^2`` for the exact vectors."""
-        if self.likelihood == "classification":
-            p = torch.softmax(f.detach(), dim=-1)
-            # A sum of squares: clamp the round-off of the difference (directions with H q = 0).
-            return (p @ Q.square() - (p @ Q).square()).clamp_min_(0)
-        return f.new_ones(f.shape)  # H = I and Q is orthonormal
 
     def _add_A(self, li: int, spec: LayerSpec, a: Tensor) -> None:
         """Add ``sum a a^T`` (``1/T`` times for KFAC-expand) of one batch, ``a [B, T, d_in]``.
@@ -297,8 +282,6 @@ class CurvatureFitter:
         """
         T, d = a.shape[1], a.shape[2]
         idx = self._orders[li]
-        if idx is not None and spec.joint:
-            idx = torch.cat([idx, idx.new_tensor([idx.numel()])])
         if self.weight_sharing == "expand":
             rows = a.reshape(-1, d) if T == 1 or a.is_contiguous() else None
             scale = 1.0 / T
@@ -358,7 +341,9 @@ class CurvatureFitter:
             with torch.no_grad():
                 for li in closed:  # one position per datum: E = sum_n diag(Q^T H_n Q) (x) r_n^2
                     for j, b in enumerate(bases[li]):
-                        u = self._hessian_diag(fc, b.eig_G.vectors.to(fc.dtype))
+                        u = loss_hessian_diag_in_basis(
+                            fc.detach(), self.likelihood, b.eig_G.vectors
+                        )
                         corr[li][j] = u.T @ rotated[li][j][:, 0].square()
             for grads in self._output_gradients(cap, fc, yc):
                 with torch.no_grad():
@@ -383,8 +368,6 @@ class CurvatureFitter:
         Q = block.eig_A.vectors
         idx = self._orders[li]
         if idx is not None:
-            if self.specs[li].joint:
-                idx = torch.cat([idx, idx.new_tensor([idx.numel()])])
             Qn = torch.empty_like(Q)
             Qn[idx] = Q
             Q = Qn
@@ -523,13 +506,13 @@ class CurvatureFitter:
 
     def _fit_passes(self, kind: str, data: Iterable, progress: bool, ckpt) -> KronCurvature:
         self._gen = dist_utils.rank_generator(self.generator) if self._dist else self.generator
-        settings = self._settings(kind) if ckpt is not None else None
+        settings = fit_settings(self, kind) if ckpt is not None else None
 
         def first_phase() -> tuple[str, int]:
             state = ckpt.load() if ckpt is not None else None
             pass_name, start = "kfac", 0
             if state is not None:
-                self._restore(state, settings, ckpt.path)
+                restore(self, state, settings, ckpt.path)
                 pass_name, start = state["pass"], int(state["next_batch"])
             if pass_name == "kfac":
                 try:
@@ -539,7 +522,6 @@ class CurvatureFitter:
             return pass_name, start
 
         pass_name, start = self._local(first_phase)
-        self._mirror()  # complete factor sums (A_sum, G_sum are public state)
         if self._dist:
             self._check_same_pass(pass_name)
         if pass_name == "kfac":
@@ -548,7 +530,7 @@ class CurvatureFitter:
             if kind == "ekfac" and ckpt is not None:
                 # The KFAC pass is final (and all-reduced): a crash in pass 2 restarts pass 2 only.
                 self._pass_data, self._last_batch = 0, None
-                ckpt.save(self._checkpoint_state(settings, "ekfac", 0))
+                ckpt.save(checkpoint_state(self, settings, "ekfac", 0))
         bases = self.blocks()
         if kind == "kfac":
             return self.curvature(bases, "kfac")
@@ -591,7 +573,7 @@ class CurvatureFitter:
             self._pass_data += _batch_size(y)
             self._last_batch = (x, y)
             if ckpt is not None and (i + 1) % ckpt.every == 0:
-                ckpt.save(self._checkpoint_state(settings, pass_name, i + 1))
+                ckpt.save(checkpoint_state(self, settings, pass_name, i + 1))
         if i + 1 < start:
             raise ValueError(
                 f"the checkpoint says {start} batches of the {pass_name} pass were consumed but the "
@@ -658,85 +640,6 @@ class CurvatureFitter:
                 "data must be re-iterable and yield the same data twice (not a one-shot iterator)"
             )
 
-    # ------------------------------------------------------------------------- checkpoints
-    def _settings(self, kind: str) -> dict:
-        """What a checkpoint must match: the fit, the covered layers and the model's values."""
-        return {
-            "kind": kind,
-            "layers": [
-                [s.name, s.weight_name, s.bias_name, s.joint, s.d_in, s.d_out] for s in self.specs
-            ],
-            "likelihood": self.likelihood,
-            "fisher": self.fisher,
-            "mc_samples": self.mc_samples,
-            "weight_sharing": self.weight_sharing,
-            "dtype": str(self.dtype),
-            "world_size": dist_utils.get_world_size() if self._dist else 1,
-            "rank": dist_utils.get_rank() if self._dist else 0,
-            "model_sha256": _model_digest(self.model),
-        }
-
-    def _checkpoint_state(self, settings: dict, pass_name: str, next_batch: int) -> dict:
-        self._mirror()
-        fp = None if self._last_batch is None else _fingerprint(*self._last_batch)
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "version": CHECKPOINT_VERSION,
-            "settings": settings,
-            "pass": pass_name,
-            "next_batch": next_batch,
-            "pass_data": self._pass_data,
-            "fingerprint": fp,
-            "A_sum": list(self.A_sum),
-            "G_sum": list(self.G_sum),
-            "E_sum": [None if e is None else list(e) for e in self.E_sum],
-            "num_data": self.num_data,
-            "loss": self.loss,
-            "sse": self.sse,
-            "n_outputs": self.n_outputs,
-            "generator_state": None if self._gen is None else self._gen.get_state(),
-        }
-
-    def _restore(self, state: dict, settings: dict, path: str) -> None:
-        """Load a checkpoint's accumulation after checking it belongs to this fit."""
-        saved = state.get("settings")
-        if not isinstance(saved, dict):
-            raise ValueError(f"checkpoint {path!r} is corrupted: no settings")
-        what = {
-            "layers": "covered layers (names, weight/bias, sizes): it belongs to another model",
-            "model_sha256": "model parameters: the model changed since the checkpoint was written",
-        }
-        for key, value in settings.items():
-            if saved.get(key) != value:
-                reason = what.get(key, f"{key}: saved {saved.get(key)!r}, now {value!r}")
-                raise ValueError(
-                    f"checkpoint {path!r} was written for a different fit ({reason}); delete it "
-                    "or pass another checkpoint path"
-                )
-        try:
-            n = len(self.specs)
-            if state["pass"] not in ("kfac", "ekfac") or not all(
-                len(state[k]) == n for k in ("A_sum", "G_sum", "E_sum")
-            ):
-                raise ValueError("inconsistent layer lists")
-            dev = self.device
-            self.A_sum = [None if t is None else t.to(dev) for t in state["A_sum"]]
-            self.G_sum = [None if t is None else t.to(dev) for t in state["G_sum"]]
-            self.E_sum = [None if e is None else [t.to(dev) for t in e] for e in state["E_sum"]]
-            self.num_data = int(state["num_data"])
-            self.loss, self.sse = float(state["loss"]), float(state["sse"])
-            self.n_outputs = int(state["n_outputs"])
-            self._pass_data = int(state["pass_data"])
-            self._resume_fingerprint = state["fingerprint"]
-            gen_state = state["generator_state"]
-            if self._gen is not None:
-                if gen_state is None:
-                    raise ValueError("no generator state")
-                self._gen.set_state(gen_state)
-        except (KeyError, TypeError, AttributeError, ValueError, RuntimeError) as e:
-            self.reset()
-            raise ValueError(f"checkpoint {path!r} is corrupted ({e}); delete it") from e
-
     def ekfac_blocks(self, bases: list[list[KronBlock]]) -> list[list[KronBlock]]:
         out = []
         for li, layer in enumerate(bases):
@@ -753,9 +656,15 @@ class CurvatureFitter:
         return out
 
 
-def _order(module: nn.Module, model: nn.Module) -> Tensor | None:
-    idx = native_to_weight_order(module)
-    return None if idx is None else idx.to(next(model.parameters()).device)
+def _order(spec: LayerSpec, model: nn.Module) -> Tensor | None:
+    """Native-to-weight column order of a layer's inputs, with the ones column of a joint bias
+    (always last) appended; ``None`` when the orders coincide."""
+    idx = native_to_weight_order(spec.module)
+    if idx is None:
+        return None
+    if spec.joint:
+        idx = torch.cat([idx, idx.new_tensor([idx.numel()])])
+    return idx.to(next(model.parameters()).device)
 
 
 def _fit(kind: str, model, data, likelihood, **kw) -> KronCurvature:

@@ -133,6 +133,30 @@ def nll_sum(f: Tensor, y: Tensor, likelihood: str) -> tuple[Tensor, Tensor]:
     return 0.5 * sse + 0.5 * f.numel() * math.log(2 * math.pi), sse
 
 
+def loss_hessian_sum(f: Tensor, likelihood: str) -> Tensor:
+    """``sum_n H_n`` ``[C, C]``, the summed Hessian of the loss w.r.t. the outputs ``f [B, C]``
+    (``= sum_k s_k s_k^T`` over the exact Fisher's vectors): ``diag(sum_n p_n) - P^T P`` for
+    softmax cross-entropy, ``B I`` for the Gaussian (``sigma = 1``), ``O(B C^2)``."""
+    if likelihood == "classification":
+        p = torch.softmax(f, dim=-1)
+        return torch.diag(p.sum(0)).addmm_(p.T, p, alpha=-1.0)
+    if likelihood == "regression":
+        return f.shape[0] * torch.eye(f.shape[1], dtype=f.dtype, device=f.device)
+    raise ValueError(f"no closed-form loss Hessian for likelihood {likelihood!r}")
+
+
+def loss_hessian_diag_in_basis(f: Tensor, likelihood: str, Q: Tensor) -> Tensor:
+    """``diag(Q^T H_n Q)`` per datum ``[B, C]`` for an orthonormal ``Q [C, C]`` (``= sum_k
+    (Q^T s_nk)^2`` over the exact Fisher's vectors)."""
+    if likelihood == "classification":
+        p = torch.softmax(f, dim=-1)
+        # A sum of squares: clamp the round-off of the difference (directions with H q = 0).
+        return (p @ Q.square() - (p @ Q).square()).clamp_min_(0)
+    if likelihood == "regression":
+        return f.new_ones(f.shape)  # H = I and Q is orthonormal
+    raise ValueError(f"no closed-form loss Hessian for likelihood {likelihood!r}")
+
+
 # Output-gradient vectors of the exact classification Fisher are drawn in chunks of this size.
 VECTOR_CHUNK_ELEMENTS = 1 << 22
 
