@@ -23,6 +23,7 @@ MODULES = [
     "laplace_kron.spectrum",
     "laplace_kron.marglik",
     "laplace_kron.predictive",
+    "laplace_kron.links",
     "laplace_kron.metrics",
     "laplace_kron.plots",
     "laplace_kron.continual",

@@ -26,19 +26,7 @@ tiles of inputs ``b`` and outputs ``k`` bounded by ``chunk_size`` elements. The 
 ``g`` come from one backward pass per output through the captured graph. A jointly treated bias is
 the last input column (input 1); a separate bias block has ``A = [[1]]`` and input ``ahat = 1``.
 
-**Links** (classification, ``mu = f(x; theta*)``, ``S = J Sigma J^T``):
-
-* ``probit``: ``softmax(mu_k / sqrt(1 + pi/8 S_kk))`` (extended probit; binary: sigmoid probit);
-* ``centered_probit``: the probit of the projection ``P f``, ``P = I - 1 1^T / C``: softmax is
-  shift invariant, so ``E[softmax(f)] = E[softmax(P f)]`` exactly, but the probit approximation
-  is not; projecting first removes the shared-shift variance it would otherwise count;
-* ``mc``: ``mean_s softmax(f_s)``, ``f_s ~ N(mu, S)``;
-* ``bridge``: Laplace bridge (Hobbhahn et al., 2022). The logit Gaussian is first conditioned on
-  ``sum_k f_k = 0`` (softmax is shift invariant): ``mu <- mu - S 1 (1^T mu) / (1^T S 1)``,
-  ``S <- S - S 1 1^T S / (1^T S 1)``; then normalised so that the mean variance is ``sqrt(K/2)``:
-  ``r = mean_k S_kk / sqrt(K/2)``, ``mu <- mu / sqrt(r)``, ``s_k = S_kk / r``; then
-  ``alpha_k = (1 - 2/K + exp(mu_k) / K^2 sum_l exp(-mu_l)) / s_k`` and the prediction is the
-  Dirichlet mean ``alpha / sum_k alpha_k`` (computed in log space).
+**Links** from the logit Gaussian to probabilities are in :mod:`laplace_kron.links`.
 
 **Sampling predictives.** ``glm_mc``: ``f(x; theta*) + J(x) (theta_s - theta*)`` with ``theta_s``
 from :meth:`KronLaplace.sample`, one forward-mode JVP (``torch.func.jvp``) per sample; ``nn``:
@@ -47,7 +35,6 @@ from :meth:`KronLaplace.sample`, one forward-mode JVP (``torch.func.jvp``) per s
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -59,6 +46,7 @@ from torch.func import functional_call, jvp, vmap
 
 from .curvature.capture import Capture, LayerSpec, flatten_output
 from .kron import KronBlock
+from .links import _gaussian_samples, centered_probit, laplace_bridge, probit
 
 if TYPE_CHECKING:
     from .posterior import KronLaplace
@@ -71,9 +59,6 @@ __all__ = [
     "glm_moments",
     "predict",
     "predictive_samples",
-    "probit",
-    "centered_probit",
-    "laplace_bridge",
 ]
 
 METHODS = ("glm", "glm_mc", "nn")
@@ -466,73 +451,6 @@ def functional_variance(
 ) -> Tensor:
     """Diagonal of :func:`functional_covariance`, ``[B, C]``: ``sum_ij Jhat_k[i,j]^2 / L_ij``."""
     return glm_moments(la, x, True, chunk_size, batch_size, batch_size_fn, vectorize)[1]
-
-
-# --------------------------------------------------------------------------------------------------
-# Links
-# --------------------------------------------------------------------------------------------------
-
-
-def probit(mean: Tensor, var: Tensor, binary: bool = False) -> Tensor:
-    """Extended probit approximation ``softmax(mean / sqrt(1 + pi/8 var))`` over the last axis
-    (``binary``: ``sigmoid``) for ``mean, var [..., C]``."""
-    kappa = torch.rsqrt(1 + math.pi / 8 * var)
-    return torch.sigmoid(kappa * mean) if binary else torch.softmax(kappa * mean, dim=-1)
-
-
-def centered_probit(mean: Tensor, cov: Tensor) -> Tensor:
-    """Extended probit on the logit Gaussian projected onto the sum-zero subspace.
-
-    ``softmax`` is invariant to a shift shared by all logits, so ``E[softmax(f)]`` is the same for
-    ``f ~ N(mean, cov)`` and for its projection ``P f`` with ``P = I - 1 1^T / C``. The probit
-    approximation is not shift invariant; applying it to ``N(P mean, P cov P)`` discards the
-    shared-shift variance that cannot change the prediction (it is invariant to
-    ``cov + a 1 1^T``). ``mean [..., C]``, ``cov [..., C, C]`` -> probabilities ``[..., C]``.
-    """
-    C = mean.shape[-1]
-    row = cov.sum(-1)  # cov 1
-    total = row.sum(-1, keepdim=True)  # 1^T cov 1
-    var = cov.diagonal(dim1=-2, dim2=-1) - 2 * row / C + total / C**2
-    return probit(mean - mean.mean(-1, keepdim=True), var.clamp_min(0))
-
-
-def laplace_bridge(mean: Tensor, cov: Tensor, normalize: bool = True) -> Tensor:
-    """Laplace-bridge predictive (Dirichlet mean) for logits ``N(mean [B, K], cov [B, K, K])``.
-
-    The Gaussian is conditioned on ``sum_k f_k = 0`` and (``normalize``) rescaled so that its
-    mean variance is ``sqrt(K / 2)`` before ``alpha_k = (1 - 2/K + e^{mu_k} sum_l e^{-mu_l} / K^2)
-    / s_k``; returns ``alpha / sum(alpha)`` ``[B, K]``.
-    """
-    K = mean.shape[-1]
-    if K < 2:
-        raise ValueError("the Laplace bridge needs at least 2 classes; use link='probit'")
-    ones_s = cov.sum(-1)  # S 1, [B, K]
-    tot = ones_s.sum(-1, keepdim=True)  # 1^T S 1
-    ok = tot > 0
-    safe = torch.where(ok, tot, torch.ones_like(tot))
-    mu = torch.where(ok, mean - ones_s * mean.sum(-1, keepdim=True) / safe, mean)
-    var = cov.diagonal(dim1=-2, dim2=-1)
-    var = torch.where(ok, var - ones_s.square() / safe, var)
-    tiny = torch.finfo(var.dtype).tiny
-    var = var.clamp_min(tiny)
-    if normalize:
-        r = (var.mean(-1, keepdim=True) / math.sqrt(K / 2)).clamp_min(tiny)
-        mu = mu / r.sqrt()
-        var = var / r
-    lse = torch.logsumexp(-mu, dim=-1, keepdim=True)
-    base = math.log(1 - 2 / K) if K > 2 else -math.inf
-    log_alpha = torch.logaddexp(torch.full_like(mu, base), mu + lse - 2 * math.log(K))
-    return torch.softmax(log_alpha - var.log(), dim=-1)
-
-
-def _gaussian_samples(
-    mean: Tensor, cov: Tensor, n: int, generator: torch.Generator | None
-) -> Tensor:
-    """``n`` samples of ``N(mean [B, C], cov [B, C, C])`` (PSD square root by eigh): ``[n, B, C]``."""
-    evals, evecs = torch.linalg.eigh(cov)
-    root = evecs * evals.clamp_min(0).sqrt().unsqueeze(-2)
-    z = torch.randn(n, *mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
-    return mean + torch.einsum("bij,nbj->nbi", root, z)
 
 
 # --------------------------------------------------------------------------------------------------
