@@ -54,7 +54,8 @@ def symeig(factor: Tensor) -> Eigen:
     Rows with a zero diagonal are exactly zero (the factors are sums of outer products, so
     ``M_ii = sum_n x_ni^2 = 0`` forces ``x_ni = 0``): dead ReLU units and never-active inputs.
     They contribute eigenvalue 0 with a unit eigenvector each, and only the rest is passed to
-    ``eigh`` (on a wide net 41% of the rows of the largest factors, a 5x cheaper ``eigh``).
+    ``eigh`` (on the benchmark's wide net 41% of the rows of the largest factors: ``eigh`` about
+    4x cheaper).
     """
     if not torch.isfinite(factor).all():
         raise ValueError("factor contains NaN or Inf; cannot eigendecompose it")

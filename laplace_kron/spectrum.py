@@ -68,14 +68,6 @@ class Spectrum:
     def n_params(self) -> int:
         return int(self.sizes.sum())
 
-    def dense(self) -> Tensor:
-        """All ``P`` eigenvalues (zeros included), block by block: for tests and small nets."""
-        parts = []
-        for l in range(self.n_blocks):
-            seg = self.eigs[self.starts[l] : self.starts[l + 1]]
-            parts += [seg, seg.new_zeros(int(self.n_zero[l]))]
-        return torch.cat(parts)
-
     def sums(self, c: float, deltas: Tensor, powers: tuple[str, ...]) -> dict[str, Tensor]:
         """Per-block sums over the spectrum (zero eigenvalues included analytically), ``[L]`` each.
 

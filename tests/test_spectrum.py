@@ -66,7 +66,8 @@ def test_spectrum_sums_match_dense(monkeypatch, chunk):
     spec = Spectrum.from_blocks(blocks, sq)
     dense = torch.cat([b.flatten() for b in blocks])
     assert spec.n_params == dense.numel() and spec.eigs.numel() == int((dense > 0).sum())
-    assert torch.equal(spec.dense().sort().values, dense.sort().values)
+    assert torch.equal(spec.eigs.sort().values, dense[dense > 0].sort().values)
+    assert spec.n_zero.tolist() == [4.0, 7.0, 2.0]  # a zero row of 4, a zero block, a column of 2
     deltas = torch.tensor([0.3, 2.0, 1e-3])
     got = spec.sums(1.7, deltas, ("log", "r", "r2", "lr"))
     ref = _dense_sums(dense, [b.numel() for b in blocks], 1.7, deltas)

@@ -184,7 +184,7 @@ class Workspace:
 
     Fresh multi-megabyte temporaries per batch are served by glibc as new ``mmap`` regions that
     the kernel zero-fills page by page; reusing one buffer per layer removes those page faults
-    (measured: 30% of a CNN fit).
+    (which cost the benchmark CNN's fit about 30% before, docs/benchmarks.md).
     """
 
     def __init__(self) -> None:
@@ -227,7 +227,7 @@ def native_patches(
     patch is then a strided window of it, so the patch matrix is a single copy with contiguous
     runs of ``C_in`` numbers (im2col writes ``(channel, kernel row, kernel column)`` columns
     with scattered reads and, for the row layout needed here, a second transposing copy; measured
-    10-30x slower). :func:`native_to_weight_order` maps the columns to the weight's order.
+    9-34x slower for 128 inputs of the benchmark CNNs). :func:`native_to_weight_order` maps the columns to the weight's order.
 
     With a ``workspace`` the rows are written into buffers that the next call with the same
     ``key`` overwrites (and ``ones_column`` appends a constant-1 column, for a joint bias, at no
@@ -289,7 +289,7 @@ def _channel_first(module: nn.Module) -> bool:
 
     With few columns (e.g. 1-3 input channels) a channels-last patch row is a handful of scattered
     numbers and a ``[B T, d]`` Gram product is a tall skinny GEMM, both slow; ``[B, d, T]`` has
-    contiguous runs and a batched product (measured 3-5x faster for ``d = 9``).
+    contiguous runs and a batched product (measured about 4x faster for ``d = 10``).
     """
     if isinstance(module, nn.Linear):
         return False
