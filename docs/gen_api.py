@@ -18,6 +18,7 @@ MODULES = [
     "laplace_kron.curvature.capture",
     "laplace_kron.curvature.gram",
     "laplace_kron.curvature.checkpoint",
+    "laplace_kron.curvature.parallel",
     "laplace_kron.curvature.likelihoods",
     "laplace_kron.posterior",
     "laplace_kron.spectrum",

@@ -53,6 +53,7 @@ from .likelihoods import (
     nll_sum,
     prepare_targets,
 )
+from .parallel import check_same_pass, reduce_ekfac, reduce_kfac, share_bases
 
 __all__ = ["kfac", "ekfac", "CurvatureFitter"]
 
@@ -523,9 +524,9 @@ class CurvatureFitter:
 
         pass_name, start = self._local(first_phase)
         if self._dist:
-            self._check_same_pass(pass_name)
+            check_same_pass(pass_name)
         if pass_name == "kfac":
-            self._reduce_kfac()
+            reduce_kfac(self)
             start = 0
             if kind == "ekfac" and ckpt is not None:
                 # The KFAC pass is final (and all-reduced): a crash in pass 2 restarts pass 2 only.
@@ -534,14 +535,14 @@ class CurvatureFitter:
         bases = self.blocks()
         if kind == "kfac":
             return self.curvature(bases, "kfac")
-        self._share_bases(bases)
+        share_bases(self, bases)
         try:
             self._local(
                 lambda: self._run_pass("ekfac", data, progress, start, ckpt, settings, bases)
             )
         finally:
             self._work.clear()
-        self._reduce_ekfac(bases)
+        reduce_ekfac(self, bases)
         return self.curvature(self.ekfac_blocks(bases), "ekfac")
 
     def _run_pass(
@@ -578,66 +579,6 @@ class CurvatureFitter:
             raise ValueError(
                 f"the checkpoint says {start} batches of the {pass_name} pass were consumed but the "
                 f"data yields only {i + 1}; resume with the same data or delete the checkpoint"
-            )
-
-    # ------------------------------------------------------------------------- distributed
-    def _check_same_pass(self, pass_name: str) -> None:
-        code = 0.0 if pass_name == "kfac" else 1.0
-        t = torch.tensor([code, -code], dtype=torch.float64)
-        dist_utils.all_reduce_max_([t])
-        if t[0] != -t[1]:
-            raise ValueError(
-                "the ranks' checkpoints are at different passes (some finished the KFAC pass, "
-                "others did not); delete the checkpoints of all ranks and fit again"
-            )
-
-    def _reduce_kfac(self) -> None:
-        """All-reduce ``A_sum``, ``G_sum``, ``N``, loss and sse (ranks without data add zeros)."""
-        if not self._dist:
-            return
-        for li, spec in enumerate(self.specs):
-            kw = {"dtype": self.dtype, "device": self.device}
-            if spec.has_weight and self.A_sum[li] is None:
-                d = spec.d_in + int(spec.joint)
-                self.A_sum[li] = torch.zeros(d, d, **kw)
-            if self.G_sum[li] is None:
-                self.G_sum[li] = torch.zeros(spec.d_out, spec.d_out, **kw)
-        n_out = torch.tensor([float(self.n_outputs)], dtype=torch.float64)
-        dist_utils.all_reduce_max_([n_out])
-        scalars = torch.tensor([self.num_data, self.loss, self.sse], dtype=torch.float64)
-        factors = [t for t in self.A_sum if t is not None] + list(self.G_sum)
-        dist_utils.all_reduce_sum_([*factors, scalars])
-        self.n_outputs = int(n_out.item())
-        self.num_data = int(round(scalars[0].item()))
-        self.loss, self.sse = scalars[1].item(), scalars[2].item()
-
-    def _share_bases(self, bases: list[list[KronBlock]]) -> None:
-        """Give every rank rank 0's eigenbases, so EKFAC projections use one basis everywhere."""
-        if not self._dist:
-            return
-        tensors = []
-        for layer in bases:
-            for b in layer:
-                tensors += [b.eig_G.values, b.eig_G.vectors]
-                if b.A is not None:
-                    tensors += [b.eig_A.values, b.eig_A.vectors]
-        dist_utils.broadcast_(tensors, src=0)
-
-    def _reduce_ekfac(self, bases: list[list[KronBlock]]) -> None:
-        """All-reduce ``E_sum`` and check the second pass saw the same ``N`` as the first."""
-        count = torch.tensor([float(self._pass_data)], dtype=torch.float64)
-        if self._dist:
-            for li, layer in enumerate(bases):
-                if self.E_sum[li] is None:
-                    self.E_sum[li] = [
-                        torch.zeros(b.d_out, b.d_in, dtype=b.dtype, device=b.device) for b in layer
-                    ]
-            dist_utils.all_reduce_sum_([e for es in self.E_sum for e in es] + [count])
-        n2 = int(round(count.item()))
-        if n2 != self.num_data:
-            raise ValueError(
-                f"the EKFAC second pass saw {n2} data points but the KFAC pass {self.num_data}; "
-                "data must be re-iterable and yield the same data twice (not a one-shot iterator)"
             )
 
     def ekfac_blocks(self, bases: list[list[KronBlock]]) -> list[list[KronBlock]]:
