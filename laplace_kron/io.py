@@ -14,17 +14,24 @@ from __future__ import annotations
 
 import glob
 import os
+import pickle
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import Tensor
 
-from .constants import FILE_FORMATS
+from .constants import CHECKPOINT_FORMAT, FILE_FORMATS, ONLINE_FORMAT, POSTERIOR_FORMAT
 
 __all__ = ["check_finite", "load_file", "reading", "remove_file", "save_file"]
 
 PathLike = str | os.PathLike
+# What each format holds, for error messages.
+_NAMES = {
+    POSTERIOR_FORMAT: "KronLaplace posterior (KronLaplace.save)",
+    ONLINE_FORMAT: "OnlineLaplace state (OnlineLaplace.save)",
+    CHECKPOINT_FORMAT: "fit checkpoint",
+}
 
 
 def save_file(path: PathLike, state: dict, format: str) -> None:
@@ -74,6 +81,11 @@ def load_file(path: PathLike, format: str) -> dict:
         raise FileNotFoundError(f"no such file: {name!r}")
     try:
         state = torch.load(name, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"refusing to load {name!r}: it holds objects other than tensors and plain data (a "
+            f"tampered or foreign file: {e}); nothing was executed"
+        ) from e
     except Exception as e:  # noqa: BLE001 - any decoding failure means a malformed file
         raise ValueError(
             f"cannot read {name!r} as a laplace_kron file ({type(e).__name__}: {e}); it is "
@@ -86,8 +98,8 @@ def load_file(path: PathLike, format: str) -> dict:
         )
     found = state.get("format")
     if found != format:
-        what = f"a {found} file" if found in FILE_FORMATS else "not a laplace_kron file"
-        raise ValueError(f"{name!r} is {what}; expected a {format} file")
+        other = f" but a {_NAMES[found]}" if found in _NAMES else f" (its 'format' is {found!r})"
+        raise ValueError(f"{name!r} is not a laplace_kron {_NAMES[format]}{other}")
     version = state.get("version")
     if version != FILE_FORMATS[format]:
         raise ValueError(
