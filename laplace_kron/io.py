@@ -84,7 +84,7 @@ def load_file(path: PathLike, format: str) -> dict:
     except pickle.UnpicklingError as e:
         raise ValueError(
             f"refusing to load {name!r}: it holds objects other than tensors and plain data (a "
-            f"tampered or foreign file: {e}); nothing was executed"
+            "tampered or foreign file); nothing was executed"
         ) from e
     except Exception as e:  # noqa: BLE001 - any decoding failure means a malformed file
         raise ValueError(
