@@ -71,7 +71,7 @@ def full_jacobian_variance(la: lk.KronLaplace, x: torch.Tensor) -> torch.Tensor:
     B, C = x.shape[0], jac[names[0]].shape[1]
     J = torch.cat([jac[n].reshape(B, C, -1) for n in names], dim=2)  # [B, C, P]
     del jac
-    SJ = la.curvature.inv_matvec(J.reshape(B * C, -1), la._scale_t(), la._delta_t())
+    SJ = la.curvature.inv_matvec(J.reshape(B * C, -1), *la.damping())
     return (J.reshape(B * C, -1) * SJ).sum(-1).reshape(B, C)
 
 

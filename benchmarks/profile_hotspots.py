@@ -120,7 +120,7 @@ def prof_tune(p, args):
 
     la = lk.KronLaplace(p.model, "classification", fisher="mc").fit(p.loader)
     la.log_marginal_likelihood()
-    for opt in ("lbfgs", "adam"):
+    for opt in ("newton", "lbfgs", "adam"):
 
         def run(opt=opt):
             la.prior_precision = 1.0
@@ -137,7 +137,7 @@ def prof_tune(p, args):
         la.log_marginal_likelihood(d).backward()
 
     print(f"one evidence + gradient: {_median_time(one, 10) * 1e3:.1f} ms")
-    spec = la._spectrum()
+    spec = la.spectrum()
     P, n0 = spec.n_params, spec.n_params - spec.eigs.numel()
     print(f"spectrum: {P:,} eigenvalues, {n0:,} exactly zero ({n0 / P:.0%}), kept {P - n0:,}")
     deltas = torch.ones(spec.n_blocks, dtype=torch.float64)

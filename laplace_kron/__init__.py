@@ -3,7 +3,7 @@
 from .continual import OnlineLaplace
 from .curvature import ekfac, kfac
 from .kron import KronBlock, KronCurvature
-from .posterior import KronLaplace
+from .laplace import KronLaplace
 
 __version__ = "0.1.0"
 

@@ -30,7 +30,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-__all__ = ["Eigen", "KronBlock", "KronCurvature", "symeig"]
+from .spectrum import Spectrum
+
+__all__ = ["Eigen", "KronBlock", "KronCurvature", "per_block", "symeig"]
 
 # Relative size below which an eigenvalue is treated as round-off and clamped to zero.
 _EIG_CLAMP = 1e-12
@@ -152,11 +154,6 @@ class KronBlock:
         """Device of the factors."""
         return self.G.device
 
-    @property
-    def is_ekfac(self) -> bool:
-        """Whether the eigenvalues are EKFAC corrections."""
-        return self.eigenvalues is not None
-
     # ----------------------------------------------------------------------------- eigen
     @property
     def eig_G(self) -> Eigen:
@@ -262,8 +259,10 @@ class KronBlock:
         return self.apply_fn(mat, torch.rsqrt, scale, delta)
 
     def logdet(self, scale: Tensor | float = 1.0, delta: Tensor | float = 0.0) -> Tensor:
-        """``log det(scale * K + delta I)``; requires ``delta > 0`` unless ``K`` is non-singular."""
-        return torch.log(self.damped_eigvals(scale, delta)).sum()
+        """``log det(scale * K + delta I)`` (float64, differentiable in ``scale`` and ``delta``);
+        ``-inf`` for a singular block with ``delta = 0``. Computed by :mod:`~laplace_kron.spectrum`,
+        the library's one log-determinant path."""
+        return Spectrum.from_blocks([self.eigvals()]).logdet(scale, delta)
 
     def trace(self, scale: Tensor | float = 1.0, delta: Tensor | float = 0.0) -> Tensor:
         """``tr(scale * K + delta I)``."""
@@ -321,15 +320,16 @@ class KronBlock:
         )
 
 
-def _per_block(value: Tensor | float, n_blocks: int) -> list[Tensor | float]:
-    """Broadcast a scalar or a ``[n_blocks]`` tensor to one value per block."""
+def per_block(value: Tensor | float, n_blocks: int) -> list[Tensor | float]:
+    """Broadcast a scalar or a ``[n_blocks]`` tensor to one value per block (the one place where a
+    prior precision is broadcast over blocks)."""
     if isinstance(value, Tensor) and value.ndim > 0:
         if value.numel() == 1:
             return [value.reshape(())] * n_blocks
         if value.shape != (n_blocks,):
             raise ValueError(
-                f"per-block value must be a scalar or have shape ({n_blocks},), "
-                f"got {tuple(value.shape)}"
+                f"a per-block value (e.g. the prior precision) has shape {tuple(value.shape)} but "
+                f"there are {n_blocks} blocks; give a scalar or one value per block"
             )
         return list(value.unbind())
     return [value] * n_blocks
@@ -410,12 +410,8 @@ class KronCurvature:
             out[..., self.block_index(b).to(m.device)] = b.mat_to_vec(m)
         return out
 
-    def params_to_mats(self, named: dict[str, Tensor]) -> list[Tensor]:
-        """Parameter tensors by name -> list of block matrices."""
-        return [b.params_to_mat([named[n] for n in b.param_names]) for b in self.blocks]
-
     def _apply(self, fn_name: str, vec: Tensor, scale, delta) -> Tensor:
-        deltas = _per_block(delta, len(self.blocks))
+        deltas = per_block(delta, len(self.blocks))
         mats = self.split_vector(vec)
         outs = [
             getattr(b, fn_name)(m, scale, d)
@@ -436,13 +432,15 @@ class KronCurvature:
         return self._apply("inv_sqrt_matvec", vec, scale, delta)
 
     def logdet(self, scale=1.0, delta=0.0) -> Tensor:
-        """``log det(scale * H + delta)`` summed over blocks."""
-        deltas = _per_block(delta, len(self.blocks))
-        return sum(b.logdet(scale, d) for b, d in zip(self.blocks, deltas, strict=True))
+        """``log det(scale * H + delta)`` (float64; ``delta`` scalar or per block), through the
+        compressed spectrum (:mod:`~laplace_kron.spectrum`)."""
+        deltas = per_block(torch.as_tensor(delta, dtype=torch.float64), len(self.blocks))
+        spec = Spectrum.from_blocks([b.eigvals() for b in self.blocks])
+        return spec.logdet(scale, torch.stack(deltas))
 
     def trace(self, scale=1.0, delta=0.0) -> Tensor:
         """``tr(scale * H + delta)``."""
-        deltas = _per_block(delta, len(self.blocks))
+        deltas = per_block(delta, len(self.blocks))
         return sum(b.trace(scale, d) for b, d in zip(self.blocks, deltas, strict=True))
 
     def to_dense(self, scale=1.0, delta=0.0, fn=None) -> Tensor:
@@ -450,7 +448,7 @@ class KronCurvature:
         P = self.n_params
         dtype = self.blocks[0].dtype
         out = torch.zeros(P, P, dtype=dtype, device=self.blocks[0].device)
-        deltas = _per_block(delta, len(self.blocks))
+        deltas = per_block(delta, len(self.blocks))
         for b, d in zip(self.blocks, deltas, strict=True):
             idx = self.block_index(b).to(out.device)
             out[idx.unsqueeze(1), idx.unsqueeze(0)] = b.to_dense(scale, d, fn)

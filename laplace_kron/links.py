@@ -22,7 +22,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["probit", "centered_probit", "laplace_bridge"]
+__all__ = ["centered_probit", "gaussian_samples", "laplace_bridge", "probit"]
 
 
 def probit(mean: Tensor, var: Tensor, binary: bool = False) -> Tensor:
@@ -77,7 +77,7 @@ def laplace_bridge(mean: Tensor, cov: Tensor, normalize: bool = True) -> Tensor:
     return torch.softmax(log_alpha - var.log(), dim=-1)
 
 
-def _gaussian_samples(
+def gaussian_samples(
     mean: Tensor, cov: Tensor, n: int, generator: torch.Generator | None
 ) -> Tensor:
     """``n`` samples of ``N(mean [B, C], cov [B, C, C])`` (PSD square root by eigh): ``[n, B, C]``."""

@@ -1,12 +1,18 @@
-"""Tuning the prior precision (and the regression noise) of a fitted :class:`KronLaplace`.
+"""The Laplace evidence of a fitted :class:`~laplace_kron.posterior.KronPosterior`, and tuning of its
+prior precision (and regression noise) by it.
 
-Three methods, all without a pass over the training data:
+    log p(D | h) ~= log p(D | theta*) - 1/2 sum_l delta_l ||theta*_l||^2 + 1/2 sum_l P_l log delta_l
+                    - 1/2 log det Lambda
 
-* ``"marglik"``: gradient ascent on ``log delta`` (and ``log sigma``) of the Laplace evidence:
-  Newton's method with analytic derivatives for one scalar ``delta`` (a few passes over the
-  spectrum), otherwise L-BFGS with a strong-Wolfe line search (default; converges to the
-  optimum in a few dozen evaluations) or Adam (``optimizer="adam"``, ``lr``); only eigenvalues enter, so each
-  evaluation costs ``O(P)``. ``tol`` bounds the gradient of the evidence per datum.
+Everything after the first term comes from the posterior's compressed spectrum
+(:mod:`laplace_kron.spectrum`, where value, gradient and Newton derivatives live); no function here
+passes over the training data. Three tuning methods:
+
+* ``"marglik"``: maximise the evidence over ``log delta`` (and ``log sigma``). ``optimizer``:
+  ``"newton"`` (analytic Newton steps; one scalar ``delta`` without noise tuning, a few passes over
+  the spectrum), ``"lbfgs"`` (strong-Wolfe line search) or ``"adam"`` (``lr``); the default
+  (``None``) is Newton where it applies and L-BFGS otherwise. ``tol`` bounds the gradient of the
+  evidence per datum.
 * ``"mackay"``: the evidence fixed point ``delta_l = gamma_l / ||theta*_l||^2`` with the effective
   number of parameters ``gamma_l = P_l - delta_l tr(Sigma_l)`` (MacKay 1992); for regression the
   noise update ``sigma^2 = sse / (T (N D - gamma))``. Both are the exact stationarity conditions
@@ -19,29 +25,64 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from .posterior import KronLaplace
+from . import metrics
+from .constants import PRIOR_GRANULARITIES, TUNING_METHODS, TUNING_OPTIMIZERS
+from .posterior import KronPosterior, positive
+from .predictive import predict
 
-__all__ = ["optimize_prior_precision", "validation_nll"]
+__all__ = [
+    "log_likelihood",
+    "log_marginal_likelihood",
+    "optimize_prior_precision",
+    "validation_nll",
+]
 
-METHODS = ("marglik", "mackay", "gridsearch")
-GRANULARITIES = ("scalar", "layer")
+
+def log_likelihood(post: KronPosterior, sigma_noise: Tensor | None = None) -> Tensor:
+    """``log p(D | theta*)`` tempered by ``T`` (as laplace-torch): ``-NLL / T`` for
+    classification; ``-sse / (2 sigma^2 T) - N D log(sigma sqrt(2 pi))`` for regression."""
+    curv = post.require_fit()
+    if post.likelihood != "regression":
+        return torch.tensor(-curv.loss / post.temperature, dtype=torch.float64)
+    sigma = post.sigma_noise if sigma_noise is None else sigma_noise
+    nd = curv.num_data * curv.n_outputs
+    return -0.5 * curv.sse / (sigma**2 * post.temperature) - nd * torch.log(
+        sigma * math.sqrt(2 * math.pi)
+    )
 
 
-def _initial(la: KronLaplace, granularity: str) -> Tensor:
-    d = la.prior_precision
+def _as_positive(name: str, value) -> Tensor | None:
+    """``None``, or ``value`` as a float64 tensor (autograd kept) after checking it is positive."""
+    if value is None:
+        return None
+    t = value if isinstance(value, Tensor) else torch.as_tensor(value, dtype=torch.float64)
+    positive(name, t.detach())
+    return t
+
+
+def log_marginal_likelihood(post: KronPosterior, prior_precision=None, sigma_noise=None) -> Tensor:
+    """Laplace evidence (float64), differentiable in ``prior_precision`` and ``sigma_noise``
+    (default: the posterior's own). Only eigenvalues are touched: no pass over the data."""
+    d = _as_positive("prior_precision", prior_precision)
+    sigma = _as_positive("sigma_noise", sigma_noise)
+    c = post.precision_scale(sigma).to(torch.float64)
+    deltas = post.block_deltas(d).to(torch.float64)
+    return log_likelihood(post, sigma) + post.spectrum().log_evidence(c, deltas)
+
+
+def _initial(post: KronPosterior, granularity: str) -> Tensor:
+    d = post.prior_precision
     if granularity == "scalar":
         return d.mean().reshape(()) if d.ndim else d.clone()
-    return d.clone() if d.ndim else d.repeat(la.n_blocks)
+    return d.clone() if d.ndim else d.repeat(post.n_blocks)
 
 
 def optimize_prior_precision(
-    la: KronLaplace,
+    post: KronPosterior,
     method: str = "marglik",
     granularity: str = "scalar",
     n_steps: int = 100,
@@ -50,76 +91,77 @@ def optimize_prior_precision(
     val_loader: Iterable | None = None,
     grid: Sequence[float] | Tensor | None = None,
     tol: float = 1e-6,
-    optimizer: str = "lbfgs",
+    optimizer: str | None = None,
     predict_kwargs: dict | None = None,
 ) -> dict:
-    """Set ``la.prior_precision`` (and ``la.sigma_noise``) to the tuned values.
+    """Set ``post.prior_precision`` (and ``post.sigma_noise``) to the tuned values.
 
-    ``predict_kwargs`` are passed to ``la.predict`` by grid search (e.g. ``{"link": "mc"}``).
+    ``predict_kwargs`` are passed to the predictive by grid search (e.g. ``{"link": "mc"}``).
 
-    Returns ``{"method", "iterations", "converged", "log_marglik", "prior_precision",
-    "sigma_noise", "seconds"}`` (plus ``"val_nll"`` per grid point for grid search).
+    Returns ``{"method", "optimizer", "iterations", "converged", "log_marglik",
+    "prior_precision", "sigma_noise", "seconds"}`` (plus ``"val_nll"`` per grid point for grid
+    search).
     """
-    la._require_fit()
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
-    if not isinstance(n_steps, int) or n_steps < 1:
+    post.require_fit()
+    if method not in TUNING_METHODS:
+        raise ValueError(f"method must be one of {TUNING_METHODS}, got {method!r}")
+    if granularity not in PRIOR_GRANULARITIES:
+        raise ValueError(f"granularity must be one of {PRIOR_GRANULARITIES}, got {granularity!r}")
+    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
         raise ValueError(f"n_steps must be a positive integer, got {n_steps!r}")
     if not lr > 0:
         raise ValueError(f"lr must be positive, got {lr!r}")
-    if tune_sigma_noise and la.likelihood != "regression":
+    if tune_sigma_noise and post.likelihood != "regression":
         raise ValueError("tune_sigma_noise=True needs likelihood='regression'")
+    newton_ok = granularity == "scalar" and not tune_sigma_noise
+    if optimizer is None:
+        optimizer = "newton" if newton_ok else "lbfgs"
+    if optimizer not in TUNING_OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {TUNING_OPTIMIZERS}, got {optimizer!r}")
+    if method != "marglik" and optimizer != ("newton" if newton_ok else "lbfgs"):
+        raise ValueError(f"optimizer={optimizer!r} applies to method='marglik' only")
+    if method == "marglik" and optimizer == "newton" and not newton_ok:
+        raise ValueError(
+            "optimizer='newton' tunes one scalar prior precision without the noise; use "
+            "optimizer='lbfgs' or 'adam' for granularity='layer' or tune_sigma_noise=True"
+        )
     t0 = time.perf_counter()
-    if (
-        method == "marglik"
-        and granularity == "scalar"
-        and not tune_sigma_noise
-        and optimizer == "lbfgs"
-    ):
-        report = _newton_scalar(la, n_steps, tol)
+    if method == "marglik" and optimizer == "newton":
+        report = _newton_scalar(post, n_steps, tol)
     elif method == "marglik":
-        report = _marglik(la, granularity, n_steps, lr, tune_sigma_noise, tol, optimizer)
+        report = _gradient_ascent(post, granularity, n_steps, lr, tune_sigma_noise, tol, optimizer)
     elif method == "mackay":
-        report = _mackay(la, granularity, n_steps, tune_sigma_noise, tol)
+        report = _mackay(post, granularity, n_steps, tune_sigma_noise, tol)
     else:
         if granularity != "scalar":
             raise ValueError("gridsearch supports granularity='scalar' only")
         if tune_sigma_noise:
             raise ValueError("gridsearch tunes the prior precision only")
-        report = _gridsearch(la, val_loader, grid, **(predict_kwargs or {}))
+        report = _gridsearch(post, val_loader, grid, **(predict_kwargs or {}))
     with torch.no_grad():
-        report["log_marglik"] = float(la.log_marginal_likelihood())
-    report["prior_precision"] = la.prior_precision.clone()
-    report["sigma_noise"] = float(la.sigma_noise)
+        report["log_marglik"] = float(log_marginal_likelihood(post))
+    report["prior_precision"] = post.prior_precision.clone()
+    report["sigma_noise"] = float(post.sigma_noise)
     report["seconds"] = time.perf_counter() - t0
     report["method"] = method
+    report["optimizer"] = optimizer if method == "marglik" else None
     return report
 
 
-def _newton_scalar(la, n_steps: int, tol: float) -> dict:
-    """Newton's method on ``u = log delta`` for one scalar prior precision.
-
-    With ``r = 1 / (c lambda + delta)`` the evidence ``E`` has
-    ``dE/ddelta = -||theta||^2 / 2 + P / (2 delta) - sum(r) / 2`` and
-    ``d2E/ddelta2 = -P / (2 delta^2) + sum(r^2) / 2``, both from one pass over the spectrum, so a
-    step costs one elementwise pass over ``P`` numbers and convergence takes a handful of steps
-    (versus several evidence + gradient evaluations per L-BFGS iteration).
-    """
-    spec = la._spectrum()
-    c = float(la.precision_scale())
-    S, P = float(spec.sq.sum()), spec.n_params
-    norm = float(max(1, la.num_data))
-    u = float(_initial(la, "scalar").log())
+def _newton_scalar(post: KronPosterior, n_steps: int, tol: float) -> dict:
+    """Newton's method on ``u = log delta`` for one scalar prior precision; each step is one
+    pass over the spectrum (:meth:`Spectrum.scalar_prior_derivatives`), convergence takes a
+    handful of steps (versus several evidence + gradient evaluations per L-BFGS iteration)."""
+    spec = post.spectrum()
+    c = float(post.precision_scale())
+    norm = float(max(1, post.num_data))
+    u = float(_initial(post, "scalar").log())
     converged = False
     it = 0
     for step in range(1, n_steps + 1):
         it = step
         d = math.exp(u)
-        s = spec.sums(c, torch.full((spec.n_blocks,), d, dtype=torch.float64), ("r", "r2"))
-        g = -0.5 * S + 0.5 * P / d - 0.5 * float(s["r"].sum())
-        h = -0.5 * P / d**2 + 0.5 * float(s["r2"].sum())
+        g, h = spec.scalar_prior_derivatives(c, d)
         gu, hu = d * g, d * g + d * d * h
         if abs(gu) / norm <= tol:
             converged = True
@@ -127,23 +169,23 @@ def _newton_scalar(la, n_steps: int, tol: float) -> dict:
         # Newton where the evidence is concave in u, otherwise a unit ascent step.
         delta_u = -gu / hu if hu < 0 else math.copysign(1.0, gu)
         u = u + min(2.0, max(-2.0, delta_u))
-    la.prior_precision = torch.tensor(math.exp(u), dtype=torch.float64)
+    post.prior_precision = torch.tensor(math.exp(u), dtype=torch.float64)
     return {"iterations": it, "evaluations": it, "converged": converged}
 
 
-def _marglik(la, granularity, n_steps, lr, tune_sigma, tol, optimizer="lbfgs") -> dict:
-    log_delta = _initial(la, granularity).log().requires_grad_(True)
-    log_sigma = la.sigma_noise.clone().log().requires_grad_(tune_sigma)
+def _gradient_ascent(post, granularity, n_steps, lr, tune_sigma, tol, optimizer) -> dict:
+    log_delta = _initial(post, granularity).log().requires_grad_(True)
+    log_sigma = post.sigma_noise.clone().log().requires_grad_(tune_sigma)
     params = [log_delta] + ([log_sigma] if tune_sigma else [])
     # Normalising by the number of data keeps tolerances meaningful across problem sizes.
-    norm = float(max(1, la.num_data))
+    norm = float(max(1, post.num_data))
     n_evals = 0
 
     def objective() -> Tensor:
         nonlocal n_evals
         n_evals += 1
         sigma = log_sigma.exp() if tune_sigma else None
-        neg = -la.log_marginal_likelihood(log_delta.exp(), sigma) / norm
+        neg = -log_marginal_likelihood(post, log_delta.exp(), sigma) / norm
         if not torch.isfinite(neg):
             raise FloatingPointError(
                 "the evidence became non-finite while tuning; lower lr or start from another "
@@ -152,6 +194,7 @@ def _marglik(la, granularity, n_steps, lr, tune_sigma, tol, optimizer="lbfgs") -
         return neg
 
     converged = False
+    iterations = 0
     if optimizer == "lbfgs":
         opt = torch.optim.LBFGS(
             params,
@@ -170,12 +213,11 @@ def _marglik(la, granularity, n_steps, lr, tune_sigma, tol, optimizer="lbfgs") -
             return neg
 
         opt.step(closure)
-        iterations = opt.state[opt._params[0]]["n_iter"]
+        iterations = int(opt.state[log_delta]["n_iter"])
         grad_max = max(float(p.grad.abs().max()) for p in params)
         converged = grad_max <= tol or iterations < n_steps
-    elif optimizer == "adam":
+    else:
         opt = torch.optim.Adam(params, lr=lr)
-        iterations = 0
         for step in range(1, n_steps + 1):
             iterations = step
             opt.zero_grad()
@@ -184,37 +226,31 @@ def _marglik(la, granularity, n_steps, lr, tune_sigma, tol, optimizer="lbfgs") -
                 converged = True
                 break
             opt.step()
-    else:
-        raise ValueError(f"optimizer must be 'lbfgs' or 'adam', got {optimizer!r}")
-    la.prior_precision = log_delta.detach().exp()
+    post.prior_precision = log_delta.detach().exp()
     if tune_sigma:
-        la.sigma_noise = log_sigma.detach().exp()
+        post.sigma_noise = log_sigma.detach().exp()
     return {"iterations": iterations, "evaluations": n_evals, "converged": converged}
 
 
-def _mackay(la, granularity, n_steps, tune_sigma, tol) -> dict:
-    spec = la._spectrum()
-    sq, sizes, n_blocks = spec.sq, spec.sizes, spec.n_blocks
+def _mackay(post: KronPosterior, granularity, n_steps, tune_sigma, tol) -> dict:
+    spec = post.spectrum()
+    sq = spec.sq
     if (sq <= 0).any():
         raise ValueError(
             "MacKay updates need non-zero MAP weights in every block (||theta_l||^2 > 0)"
         )
-    delta = _initial(la, granularity)
-    sigma = la.sigma_noise.clone()
-    N_out = la.num_data * la.curvature.n_outputs
+    delta = _initial(post, granularity)
+    sigma = post.sigma_noise.clone()
+    curv = post.require_fit()
+    N_out = curv.num_data * curv.n_outputs
     converged = False
     it = 0
     for step in range(1, n_steps + 1):
         it = step
-        c = float(la.precision_scale(sigma))
-        d = delta if delta.ndim == 1 else delta.expand(n_blocks)
-        # delta_l tr(Sigma_l) = sum_ij delta_l / (c lambda_ij + delta_l)
-        shrink = d * spec.sums(c, d, ("r",))["r"]
-        gamma = sizes - shrink  # effective number of parameters per block
-        if granularity == "scalar":
-            new = gamma.sum() / sq.sum()
-        else:
-            new = gamma / sq
+        gamma = spec.effective_parameters(
+            float(post.precision_scale(sigma)), post.block_deltas(delta)
+        )
+        new = gamma.sum() / sq.sum() if granularity == "scalar" else gamma / sq
         new = new.clamp_min(1e-12)
         change = float(((new - delta).abs() / delta).max())
         delta = new
@@ -225,43 +261,38 @@ def _mackay(la, granularity, n_steps, tune_sigma, tol) -> dict:
                     "MacKay noise update undefined: more effective parameters than data"
                 )
             new_sigma = torch.tensor(
-                math.sqrt(la.curvature.sse / (la.temperature * dof)), dtype=torch.float64
+                math.sqrt(curv.sse / (post.temperature * dof)), dtype=torch.float64
             )
             change = max(change, float(abs(new_sigma - sigma) / sigma))
             sigma = new_sigma
         if change < tol:
             converged = True
             break
-    la.prior_precision = delta
+    post.prior_precision = delta
     if tune_sigma:
-        la.sigma_noise = sigma
+        post.sigma_noise = sigma
     return {"iterations": it, "converged": converged}
 
 
-def validation_nll(la: KronLaplace, val_loader: Iterable, **predict_kwargs) -> float:
-    """Mean negative log predictive density of ``la.predict`` over ``val_loader``."""
+def validation_nll(post: KronPosterior, val_loader: Iterable, **predict_kwargs) -> float:
+    """Mean negative log predictive density of the predictive over ``val_loader`` (the NLLs of
+    :mod:`laplace_kron.metrics`)."""
     total, n = 0.0, 0
     for x, y in val_loader:
-        out = la.predict(x, **predict_kwargs)
-        if la.likelihood == "regression":
+        out = predict(post, x, **predict_kwargs)
+        if post.likelihood == "regression":
             mean, var = out
-            yy = y.reshape(mean.shape).to(mean.dtype)
-            nll = 0.5 * (torch.log(2 * math.pi * var) + (yy - mean) ** 2 / var).sum()
-        elif la.likelihood == "binary":
-            p = out.reshape(-1).clamp(1e-12, 1 - 1e-12)
-            yy = y.reshape(-1).to(p.dtype)
-            nll = -(yy * p.log() + (1 - yy) * (1 - p).log()).sum()
+            nll = metrics.gaussian_nll(mean, var, y.reshape(mean.shape))
         else:
-            p = out.clamp_min(1e-12)
-            nll = -p.log().gather(1, y.long().reshape(-1, 1)).sum()
-        total += float(nll)
+            nll = metrics.nll(out, y.reshape(-1))
+        total += nll * len(y)
         n += len(y)
     if n == 0:
         raise ValueError("val_loader is empty")
     return total / n
 
 
-def _gridsearch(la, val_loader, grid, **predict_kwargs) -> dict:
+def _gridsearch(post: KronPosterior, val_loader, grid, **predict_kwargs) -> dict:
     if val_loader is None:
         raise ValueError("method='gridsearch' needs val_loader=(validation batches)")
     if grid is None:
@@ -271,10 +302,10 @@ def _gridsearch(la, val_loader, grid, **predict_kwargs) -> dict:
         raise ValueError("grid values must be positive and finite")
     scores = []
     for d in grid:
-        la.prior_precision = d
-        scores.append(validation_nll(la, val_loader, **predict_kwargs))
+        post.prior_precision = d
+        scores.append(validation_nll(post, val_loader, **predict_kwargs))
     best = int(torch.tensor(scores).argmin())
-    la.prior_precision = grid[best]
+    post.prior_precision = grid[best]
     return {
         "iterations": len(grid),
         "converged": True,

@@ -46,10 +46,10 @@ from torch.func import functional_call, jvp, vmap
 
 from .curvature.capture import Capture, LayerSpec, flatten_output
 from .kron import KronBlock
-from .links import _gaussian_samples, centered_probit, laplace_bridge, probit
+from .links import centered_probit, gaussian_samples, laplace_bridge, probit
 
 if TYPE_CHECKING:
-    from .posterior import KronLaplace
+    from .posterior import KronPosterior as KronLaplace
 
 __all__ = [
     "METHODS",
@@ -153,7 +153,7 @@ def _forward(model: nn.Module, x: Inputs, B: int) -> Tensor:
 
 
 def _check_model(la: KronLaplace) -> None:
-    la._require_fit()
+    la.require_fit()
     stochastic = [
         n
         for n, m in la.model.named_modules()
@@ -211,8 +211,8 @@ class _Plan:
 
 
 def _plans(la: KronLaplace) -> tuple[list[LayerSpec], list[_Plan]]:
-    curv = la._require_fit()
-    specs = la._make_fitter().specs
+    curv = la.require_fit()
+    specs = la.specs
     owner = {}
     for i, s in enumerate(specs):
         for n in (s.weight_name, s.bias_name):
@@ -507,7 +507,7 @@ def _samples(
     """:func:`predictive_samples` plus the model output shape ``[B, ...]``."""
     if method == "glm":
         mean, cov, shape = _glm(la, x, False, chunk_size, None, batch_size_fn, vectorize)
-        return _gaussian_samples(mean, cov, n_samples, generator), shape
+        return gaussian_samples(mean, cov, n_samples, generator), shape
     _check_model(la)
     if method == "glm_mc":
         _check_autograd("method='glm_mc'")
@@ -587,7 +587,7 @@ def predict(
         var)`` in the model's output shape with ``var = functional variance + sigma_noise^2``.
     """
     _validate(method, link, n_samples, chunk_size)
-    la._require_fit()
+    la.require_fit()
     lik = la.likelihood
     if lik == "binary" and link == "bridge" and method == "glm":
         raise ValueError("link='bridge' needs several classes; for binary use 'probit' or 'mc'")
@@ -610,7 +610,7 @@ def predict(
             return laplace_bridge(mu, S)
         if link == "centered_probit":
             return centered_probit(mu, S)
-        return torch.softmax(_gaussian_samples(mu, S, n_samples, generator), -1).mean(0)
+        return torch.softmax(gaussian_samples(mu, S, n_samples, generator), -1).mean(0)
     samples, shape = _samples(
         la, x, method, n_samples, generator, chunk_size, batch_size_fn, vectorize
     )

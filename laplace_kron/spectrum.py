@@ -1,4 +1,9 @@
-"""The posterior's eigenvalue spectrum, compressed, and the evidence terms computed from it.
+"""The posterior's eigenvalue spectrum, compressed, and the evidence computed from it.
+
+This is the one place where log-determinants and the Laplace evidence are computed: its value and
+gradient (:meth:`Spectrum.logdet`, :meth:`Spectrum.log_evidence`), Newton derivatives for a scalar
+prior (:meth:`Spectrum.scalar_prior_derivatives`) and the effective number of parameters of
+MacKay's fixed point (:meth:`Spectrum.effective_parameters`).
 
 With ``Lambda = c H + diag(delta_l)`` and ``H`` block-diagonal with Kronecker (or EKFAC)
 eigenvalues ``lambda_l,i``, every prior-dependent evidence term is a sum over the spectrum:
@@ -41,8 +46,8 @@ class Spectrum:
     sq: Tensor
 
     @classmethod
-    def from_blocks(cls, eigvals: list[Tensor], sq: Tensor) -> Spectrum:
-        """From each block's undamped eigenvalues (any shape) and ``sq [L]``."""
+    def from_blocks(cls, eigvals: list[Tensor], sq: Tensor | None = None) -> Spectrum:
+        """From each block's undamped eigenvalues (any shape) and ``sq [L]`` (default zeros)."""
         nz, starts, n_zero, sizes = [], [0], [], []
         for v in eigvals:
             v = v.detach().to("cpu", torch.float64).flatten()
@@ -57,7 +62,9 @@ class Spectrum:
             starts,
             torch.tensor(n_zero, **f64),
             torch.tensor(sizes, **f64),
-            sq.detach().to("cpu", torch.float64),
+            torch.zeros(len(eigvals), **f64)
+            if sq is None
+            else sq.detach().to("cpu", torch.float64),
         )
 
     @property
@@ -98,14 +105,59 @@ class Spectrum:
                     if "r2" in acc:
                         acc["r2"] += float(r.dot(r))
             z = float(self.n_zero[l])
-            for k in powers:
-                extra = {"log": z * math.log(d), "r": z / d, "r2": z / (d * d), "lr": 0.0}[k]
-                out[k][l] = acc[k] + extra
+            if z:  # zero eigenvalues: their damped value is delta itself
+                extra = {
+                    "log": math.log(d) if d > 0 else -math.inf,
+                    "r": 1 / d if d > 0 else math.inf,
+                    "r2": 1 / (d * d) if d > 0 else math.inf,
+                    "lr": 0.0,
+                }
+                for k in powers:
+                    out[k][l] = acc[k] + z * extra[k]
+            else:
+                for k in powers:
+                    out[k][l] = acc[k]
         return out
 
-    def logdet(self, c: Tensor, deltas: Tensor) -> Tensor:
-        """``log det(c H + diag(delta_l))``, differentiable in the 0-d ``c`` and ``deltas [L]``."""
+    def logdet(self, c: Tensor | float, deltas: Tensor | float) -> Tensor:
+        """``log det(c H + diag(delta_l))`` (float64), differentiable in ``c`` (0-d) and
+        ``deltas`` (0-d, shared by all blocks, or ``[L]``)."""
+        c = torch.as_tensor(c, dtype=torch.float64)
+        deltas = torch.as_tensor(deltas, dtype=torch.float64)
+        if deltas.ndim == 0:
+            return _LogDet.apply(c, deltas.expand(self.n_blocks), self)
         return _LogDet.apply(c, deltas, self)
+
+    def log_evidence(self, c: Tensor, deltas: Tensor) -> Tensor:
+        """The prior-dependent part of the Laplace evidence, differentiable in ``c`` and
+        ``deltas [L]``:
+
+        ``- 1/2 sum_l delta_l ||theta*_l||^2 + 1/2 sum_l P_l log delta_l - 1/2 log det Lambda``.
+        Adding ``log p(D | theta*)`` gives the evidence.
+        """
+        return (
+            -0.5 * (deltas * self.sq).sum()
+            + 0.5 * (self.sizes * torch.log(deltas)).sum()
+            - 0.5 * self.logdet(c, deltas)
+        )
+
+    def scalar_prior_derivatives(self, c: float, delta: float) -> tuple[float, float]:
+        """First and second derivative of :meth:`log_evidence` in one scalar ``delta``.
+
+        With ``r = 1 / (c lambda + delta)``: ``dE/ddelta = -||theta||^2 / 2 + P / (2 delta) -
+        sum(r) / 2`` and ``d2E/ddelta2 = -P / (2 delta^2) + sum(r^2) / 2``, both from one pass
+        over the spectrum.
+        """
+        s = self.sums(c, torch.full((self.n_blocks,), delta, dtype=torch.float64), ("r", "r2"))
+        P, S = self.n_params, float(self.sq.sum())
+        g = -0.5 * S + 0.5 * P / delta - 0.5 * float(s["r"].sum())
+        h = -0.5 * P / delta**2 + 0.5 * float(s["r2"].sum())
+        return g, h
+
+    def effective_parameters(self, c: float, deltas: Tensor) -> Tensor:
+        """MacKay's effective number of parameters per block, ``gamma_l = P_l - delta_l
+        tr(Lambda_l^{-1}) = P_l - sum_i delta_l / (c lambda_i + delta_l)``, ``[L]``."""
+        return self.sizes - deltas * self.sums(c, deltas, ("r",))["r"]
 
 
 class _LogDet(torch.autograd.Function):

@@ -16,8 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from laplace_kron import KronLaplace
 from laplace_kron.curvature import CurvatureFitter
-from laplace_kron.posterior import KronLaplace
 
 
 @pytest.fixture(autouse=True)

@@ -18,8 +18,8 @@ import pytest
 import torch
 from _dense import MLP, make_data
 
+from laplace_kron import KronLaplace
 from laplace_kron.curvature import CurvatureFitter
-from laplace_kron.posterior import KronLaplace
 
 
 @pytest.fixture(autouse=True)

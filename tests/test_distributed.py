@@ -20,9 +20,9 @@ import torch
 from _dense import CNN, MLP, make_data
 
 import laplace_kron as lk
+from laplace_kron import KronLaplace
 from laplace_kron import distributed as dist_utils
 from laplace_kron.curvature import CurvatureFitter
-from laplace_kron.posterior import KronLaplace
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,140 @@
+"""The user-facing :class:`KronLaplace`: the posterior core with its evidence, tuning, predictives
+and files in one object.
+
+It adds no mathematics of its own: every method delegates to :mod:`laplace_kron.marglik`,
+:mod:`laplace_kron.predictive` or :mod:`laplace_kron.io`, whose functions take the posterior
+(:class:`~laplace_kron.posterior.KronPosterior`) as their first argument.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+
+from torch import Tensor, nn
+
+from . import io, marglik, predictive
+from .constants import POSTERIOR_FORMAT
+from .posterior import KronPosterior
+
+__all__ = ["KronLaplace"]
+
+
+class KronLaplace(KronPosterior):
+    """Post-hoc Laplace approximation with KFAC / EKFAC curvature.
+
+    Args:
+        model: trained network (at the MAP); its current parameters are the posterior mean.
+        likelihood: ``"classification"``, ``"regression"`` or ``"binary"``.
+        curvature: ``"kfac"`` or ``"ekfac"``.
+        prior_precision: ``delta``, a positive scalar or one value per block.
+        sigma_noise: observation noise (regression only).
+        temperature: ``T``; the curvature (and the log-likelihood) are divided by it.
+        **options: curvature options (:class:`~laplace_kron.curvature.CurvatureOptions`):
+            ``fisher``, ``mc_samples``, ``weight_sharing``, ``separate_bias``, ``modules``
+            (``"last_layer"`` gives last-layer Laplace), ``generator`` and ``distributed``
+            (``None`` fits data-parallel when ``torch.distributed`` is initialised, each rank's
+            data being a shard; ``False`` fits rank-locally; see docs/distributed.md).
+
+    Example:
+        >>> la = KronLaplace(model, "classification").fit(train_loader)
+        >>> la.optimize_prior_precision()
+        >>> probs = la.predict(x_test)
+    """
+
+    # ------------------------------------------------------------------ evidence
+    def log_likelihood(self, sigma_noise: Tensor | None = None) -> Tensor:
+        """``log p(D | theta*)``; see :func:`laplace_kron.marglik.log_likelihood`."""
+        return marglik.log_likelihood(self, sigma_noise)
+
+    def log_det_posterior_precision(self, prior_precision=None, sigma_noise=None) -> Tensor:
+        """``log det Lambda = sum_l sum_ij log(c lambda_l,ij + delta_l)`` (float64)."""
+        c = self.precision_scale(sigma_noise)
+        return self.spectrum().logdet(c, self.block_deltas(prior_precision))
+
+    def log_det_prior_precision(self, prior_precision=None) -> Tensor:
+        """``sum_l P_l log delta_l``."""
+        return (self.spectrum().sizes * self.block_deltas(prior_precision).log()).sum()
+
+    def scatter(self, prior_precision=None) -> Tensor:
+        """``sum_l delta_l ||theta*_l||^2`` (zero prior mean)."""
+        return (self.block_deltas(prior_precision) * self.spectrum().sq).sum()
+
+    def log_marginal_likelihood(
+        self, prior_precision: Tensor | None = None, sigma_noise: Tensor | None = None
+    ) -> Tensor:
+        """Laplace evidence, differentiable in ``prior_precision`` and ``sigma_noise``; see
+        :func:`laplace_kron.marglik.log_marginal_likelihood`."""
+        return marglik.log_marginal_likelihood(self, prior_precision, sigma_noise)
+
+    def optimize_prior_precision(
+        self,
+        method: str = "marglik",
+        granularity: str = "scalar",
+        n_steps: int = 100,
+        lr: float = 0.1,
+        tune_sigma_noise: bool = False,
+        val_loader: Iterable | None = None,
+        grid: Sequence[float] | Tensor | None = None,
+        tol: float = 1e-6,
+        optimizer: str | None = None,
+        predict_kwargs: dict | None = None,
+    ) -> dict:
+        """Tune the prior precision (and ``sigma_noise``); see
+        :func:`laplace_kron.marglik.optimize_prior_precision`. Returns its report."""
+        return marglik.optimize_prior_precision(
+            self,
+            method=method,
+            granularity=granularity,
+            n_steps=n_steps,
+            lr=lr,
+            tune_sigma_noise=tune_sigma_noise,
+            val_loader=val_loader,
+            grid=grid,
+            tol=tol,
+            optimizer=optimizer,
+            predict_kwargs=predict_kwargs,
+        )
+
+    # ------------------------------------------------------------------ prediction
+    def functional_covariance(self, x, **kw) -> Tensor:
+        """``J(x) Sigma J(x)^T`` ``[B, C, C]``; see :func:`laplace_kron.predictive.functional_covariance`."""
+        return predictive.functional_covariance(self, x, **kw)
+
+    def functional_variance(self, x, **kw) -> Tensor:
+        """Diagonal of :meth:`functional_covariance`, ``[B, C]``."""
+        return predictive.functional_variance(self, x, **kw)
+
+    def predict(self, x, method: str = "glm", link: str = "probit", **kw):
+        """Predictive distribution; see :func:`laplace_kron.predictive.predict`."""
+        return predictive.predict(self, x, method=method, link=link, **kw)
+
+    # ------------------------------------------------------------------ files
+    def save(self, path: str | os.PathLike) -> None:
+        """Save :meth:`state_dict` to ``path`` (atomically, see :mod:`laplace_kron.io`)."""
+        io.save_file(path, self.state_dict(), POSTERIOR_FORMAT)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model: nn.Module, **kwargs) -> KronLaplace:
+        """Load a posterior saved with :meth:`save` for ``model``; never executes pickled code.
+        ``kwargs`` override the saved constructor options. Malformed or poisoned files (NaN /
+        Inf, truncated, foreign, another version) are refused with a ValueError naming the file.
+        """
+        state = io.load_file(path, POSTERIOR_FORMAT)
+        name = repr(os.fspath(path))
+        with io.reading(name):
+            kw = dict(
+                curvature=state["curvature_type"],
+                fisher=state["fisher"],
+                mc_samples=state["mc_samples"],
+                weight_sharing=state["weight_sharing"],
+                separate_bias=state["separate_bias"],
+                modules=[n.rsplit(".", 1)[0] for n in state["param_names"]] or None,
+            )
+            kw.update(kwargs)
+            likelihood = state["likelihood"]
+        try:
+            la = cls(model, likelihood, **kw)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"the saved posterior {name} does not fit this model: {e}") from e
+        return la.load_state_dict(state, name)
