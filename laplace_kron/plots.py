@@ -25,7 +25,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from laplace_kron import metrics
+from . import metrics
 
 __all__ = [
     "confidence_histogram",
