@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 from . import __version__
+from .constants import LINKS, PREDICTIVE_METHODS
 
 __all__ = ["build_parser", "main"]
 
@@ -36,7 +38,7 @@ def _positive_int(value: str) -> int:
 class _Parser(argparse.ArgumentParser):
     """Say "unknown command" (not argparse's "invalid choice") for a mistyped subcommand."""
 
-    def error(self, message: str) -> None:  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         if "invalid choice" in message and "argument command" in message:
             bad = message.split("invalid choice: ", 1)[1].split(" ", 1)[0]
             message = f"unknown command {bad}; available commands: demo (see laplace-kron --help)"
@@ -96,14 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--method",
-        choices=["glm", "glm_mc", "nn"],
+        choices=PREDICTIVE_METHODS,
         default="glm",
         help="predictive: linearized closed form (glm), linearized MC samples (glm_mc) or "
         "network samples (nn); default: glm",
     )
     demo.add_argument(
         "--link",
-        choices=["probit", "centered_probit", "mc", "bridge"],
+        choices=LINKS,
         default="centered_probit",
         help="link of the glm predictive: probit of the sum-zero projected logits "
         "(centered_probit, default), logits sampled from their Gaussian (mc), probit, or "
@@ -126,6 +128,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _demo(args: argparse.Namespace) -> int:
+    """``laplace-kron demo``: run the demo with the parsed options."""
+    from .demo import run_demo
+
+    # options whose command-line name is the keyword of run_demo
+    same = ("seed", "out", "variants", "quick", "epochs", "method", "link", "threads")
+    run_demo(
+        **{name: getattr(args, name) for name in same},
+        n_samples=args.samples,
+        progress=not args.no_progress,
+    )
+    return 0
+
+
+# subcommand -> handler; argparse accepts only the subcommands build_parser registers
+_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"demo": _demo}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``laplace-kron`` console script; returns the exit status."""
     parser = build_parser()
@@ -134,21 +154,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         print("\nlaplace-kron: error: missing command (try: laplace-kron demo)", file=sys.stderr)
         return 2
-    if args.command == "demo":
-        from .demo import run_demo
-
-        run_demo(
-            seed=args.seed,
-            out=args.out,
-            variants=args.variants,
-            quick=args.quick,
-            epochs=args.epochs,
-            method=args.method,
-            link=args.link,
-            n_samples=args.samples,
-            progress=not args.no_progress,
-            threads=args.threads,
-        )
-        return 0
-    parser.error(f"unknown command {args.command!r}")  # pragma: no cover - argparse catches it
-    return 2
+    return _COMMANDS[args.command](args)

@@ -25,7 +25,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from laplace_kron import metrics
+from . import metrics
 
 __all__ = [
     "confidence_histogram",
@@ -109,6 +109,17 @@ def _figure(n_panels: int, width: float = _PANEL_W) -> tuple[Figure, list[Axes]]
     return fig, list(axes)
 
 
+def _annotate(ax: Axes, text: str) -> None:
+    """A boxed note in the panel's top-left corner (the panel's summary number)."""
+    ax.text(
+        0.04,
+        0.93,
+        text,
+        transform=ax.transAxes,
+        bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.85},
+    )
+
+
 def _save(fig: Figure, path: PathLike, title: str | None) -> Path:
     if title is not None:
         fig.suptitle(title)
@@ -177,13 +188,7 @@ def reliability_diagram(
             label="gap",
         )
         ax.plot([0, 1], [0, 1], ls="--", color="gray", lw=1, label="perfect calibration")
-        ax.text(
-            0.04,
-            0.93,
-            f"ECE = {100 * bins.ece:.2f}%",
-            transform=ax.transAxes,
-            bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.85},
-        )
+        _annotate(ax, f"ECE = {100 * bins.ece:.2f}%")
         ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", aspect="equal")
         if name is not None:
             ax.set_title(name)
@@ -238,13 +243,7 @@ def confidence_histogram(
         c_out = metrics.confidence(p_out).cpu().numpy()
         ax.hist(c_in, bins=edges, density=True, alpha=0.55, color="tab:blue", label="in-dist.")
         ax.hist(c_out, bins=edges, density=True, alpha=0.55, color="tab:orange", label="OOD")
-        ax.text(
-            0.04,
-            0.93,
-            f"AUROC = {auroc:.3f}",
-            transform=ax.transAxes,
-            bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.85},
-        )
+        _annotate(ax, f"AUROC = {auroc:.3f}")
         ax.set(xlim=(0, 1), xlabel="confidence (max probability)")
         if name is not None:
             ax.set_title(name)

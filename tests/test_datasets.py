@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from sklearn.datasets import load_digits
 from torch import nn
 
 from laplace_kron import datasets as ds
@@ -24,9 +25,17 @@ def test_digits_split_shapes_ranges_and_disjointness(split):
         assert y.dtype == torch.int64 and y.shape == (x.shape[0],)
         assert float(x.min()) == 0.0 and float(x.max()) == 1.0
         assert set(y.tolist()) == set(range(10))  # stratified: every class everywhere
-    # no image appears in two parts (digits has a few exact duplicates, so compare counts)
-    all_x = torch.cat([split["x_train"], split["x_val"], split["x_test"]]).reshape(-1, 64)
-    assert all_x.shape[0] == 1797
+    # the parts partition the data: every (image, label) row occurs in them together exactly as
+    # often as in the data set (digits has a few exact duplicates, so compare counts, not sets)
+    parts = [
+        torch.cat([split[f"x_{k}"].reshape(-1, 64) * 16, split[f"y_{k}"][:, None]], 1)
+        for k in ("train", "val", "test")
+    ]
+    digits = load_digits()
+    full = torch.cat([torch.tensor(digits.data), torch.tensor(digits.target)[:, None]], 1)
+    rows, counts = torch.unique(torch.cat(parts).round().long(), dim=0, return_counts=True)
+    rows_ref, counts_ref = torch.unique(full.long(), dim=0, return_counts=True)
+    assert torch.equal(rows, rows_ref) and torch.equal(counts, counts_ref)
     assert split["mean"] == 0.0 and split["std"] == 1.0
 
 

@@ -69,15 +69,26 @@ def _check_outputs(results: dict, out: Path, rows: list[str]) -> None:
         assert all(len(v) == len(angles) for v in curve.values())
 
 
+# torch's thread count around the quick run: set to this (not the demo's 1) before, read after
+THREADS_BEFORE_DEMO = 3
+
+
 @pytest.fixture(scope="module")
-def quick(tmp_path_factory) -> tuple[dict, Path]:
+def quick(tmp_path_factory) -> tuple[dict, Path, int]:
+    """Results and output folder of one quick demo run, and torch's thread count after it."""
     out = tmp_path_factory.mktemp("demo") / "out"
-    results = demo.run_demo(quick=True, out=out, progress=False, verbose=False)
-    return results, out
+    previous = torch.get_num_threads()
+    torch.set_num_threads(THREADS_BEFORE_DEMO)
+    try:
+        results = demo.run_demo(quick=True, out=out, progress=False, verbose=False)
+        threads_after = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(previous)
+    return results, out, threads_after
 
 
 def test_quick_demo_end_to_end(quick):
-    results, out = quick
+    results, out, _ = quick
     _check_outputs(results, out, ROWS)
     rows = {r["method"]: r for r in results["table"]["rows"]}
     # accuracy at 0 degrees matches the first point of the rotation curve
@@ -100,9 +111,9 @@ def test_quick_demo_end_to_end(quick):
 
 def test_quick_demo_restores_threads(quick):
     # run_demo uses one thread by default and must leave torch's setting as it was
-    before = torch.get_num_threads()
-    assert quick[0]["config"]["threads"] == 1
-    assert torch.get_num_threads() == before
+    results, _, threads_after = quick
+    assert results["config"]["threads"] == 1
+    assert threads_after == THREADS_BEFORE_DEMO
 
 
 def test_format_table_aligns_columns(quick):

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
-
-import pytest
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 
@@ -49,7 +48,7 @@ def test_regression_quick(tmp_path):
     methods = {r["method"] for r in summary}
     assert {"MAP (sigma: val)", "LA KFAC"} <= methods
     for r in summary:
-        assert r["nll"]["mean"] == pytest.approx(r["nll"]["mean"])  # finite
+        assert math.isfinite(r["nll"]["mean"]), r["method"]
         assert 0.0 <= r["cov95"]["mean"] <= 1.0
     # the Laplace band widens in the gap: better gap NLL than MAP with a training-fit noise
     gap_map = _means(summary, "nll_gap", data="toy", method="MAP (sigma: train)")[0]
