@@ -9,7 +9,6 @@ It adds no mathematics of its own: every method delegates to :mod:`laplace_kron.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
 
 from torch import Tensor, nn
 
@@ -23,18 +22,11 @@ __all__ = ["KronLaplace"]
 class KronLaplace(KronPosterior):
     """Post-hoc Laplace approximation with KFAC / EKFAC curvature.
 
-    Args:
-        model: trained network (at the MAP); its current parameters are the posterior mean.
-        likelihood: ``"classification"``, ``"regression"`` or ``"binary"``.
-        curvature: ``"kfac"`` or ``"ekfac"``.
-        prior_precision: ``delta``, a positive scalar or one value per block.
-        sigma_noise: observation noise (regression only).
-        temperature: ``T``; the curvature (and the log-likelihood) are divided by it.
-        **options: curvature options (:class:`~laplace_kron.curvature.CurvatureOptions`):
-            ``fisher``, ``mc_samples``, ``weight_sharing``, ``separate_bias``, ``modules``
-            (``"last_layer"`` gives last-layer Laplace), ``generator`` and ``distributed``
-            (``None`` fits data-parallel when ``torch.distributed`` is initialised, each rank's
-            data being a shard; ``False`` fits rank-locally; see docs/distributed.md).
+    Constructed like :class:`~laplace_kron.posterior.KronPosterior`: ``KronLaplace(model,
+    likelihood, curvature="kfac", prior_precision=1.0, sigma_noise=1.0, temperature=1.0,
+    **options)`` with the curvature options of :class:`~laplace_kron.curvature.CurvatureOptions`
+    (``fisher``, ``mc_samples``, ``weight_sharing``, ``separate_bias``, ``modules``,
+    ``generator``, ``distributed``).
 
     Example:
         >>> la = KronLaplace(model, "classification").fit(train_loader)
@@ -67,34 +59,12 @@ class KronLaplace(KronPosterior):
         :func:`laplace_kron.marglik.log_marginal_likelihood`."""
         return marglik.log_marginal_likelihood(self, prior_precision, sigma_noise)
 
-    def optimize_prior_precision(
-        self,
-        method: str = "marglik",
-        granularity: str = "scalar",
-        n_steps: int = 100,
-        lr: float = 0.1,
-        tune_sigma_noise: bool = False,
-        val_loader: Iterable | None = None,
-        grid: Sequence[float] | Tensor | None = None,
-        tol: float = 1e-6,
-        optimizer: str | None = None,
-        predict_kwargs: dict | None = None,
-    ) -> dict:
-        """Tune the prior precision (and ``sigma_noise``); see
-        :func:`laplace_kron.marglik.optimize_prior_precision`. Returns its report."""
-        return marglik.optimize_prior_precision(
-            self,
-            method=method,
-            granularity=granularity,
-            n_steps=n_steps,
-            lr=lr,
-            tune_sigma_noise=tune_sigma_noise,
-            val_loader=val_loader,
-            grid=grid,
-            tol=tol,
-            optimizer=optimizer,
-            predict_kwargs=predict_kwargs,
-        )
+    def optimize_prior_precision(self, *args, **kwargs) -> dict:
+        """Tune the prior precision (and ``sigma_noise``) and return the report; the arguments
+        (``method``, ``granularity``, ``n_steps``, ``lr``, ``tune_sigma_noise``, ``val_loader``,
+        ``grid``, ``tol``, ``optimizer``, ``predict_kwargs``) are those of
+        :func:`laplace_kron.marglik.optimize_prior_precision`."""
+        return marglik.optimize_prior_precision(self, *args, **kwargs)
 
     # ------------------------------------------------------------------ prediction
     def functional_covariance(self, x, **kw) -> Tensor:
