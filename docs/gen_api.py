@@ -7,30 +7,51 @@ committed docs/api.md is up to date.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
+import pkgutil
 import sys
 from pathlib import Path
 
-MODULES = [
+# The library's modules in layer order (lowest first), as tests/test_layering.py ranks them; the
+# demo wing and the command line are left out (they are programs, not API).
+LAYERS = [
     "laplace_kron",
-    "laplace_kron.kron",
-    "laplace_kron.curvature.kfac",
-    "laplace_kron.curvature.capture",
-    "laplace_kron.curvature.gram",
-    "laplace_kron.curvature.checkpoint",
-    "laplace_kron.curvature.parallel",
-    "laplace_kron.curvature.likelihoods",
-    "laplace_kron.posterior",
+    "laplace_kron.constants",
+    "laplace_kron.io",
     "laplace_kron.spectrum",
-    "laplace_kron.marglik",
-    "laplace_kron.predictive",
     "laplace_kron.links",
     "laplace_kron.metrics",
-    "laplace_kron.plots",
-    "laplace_kron.continual",
     "laplace_kron.distributed",
+    "laplace_kron.kron",
+    "laplace_kron.curvature",
+    "laplace_kron.posterior",
+    "laplace_kron.sampling",
+    "laplace_kron.predictive",
+    "laplace_kron.marglik",
+    "laplace_kron.laplace",
+    "laplace_kron.online_precision",
+    "laplace_kron.continual",
+    "laplace_kron.plots",
     "laplace_kron.datasets",
 ]
+
+
+def _modules() -> list[str]:
+    """:data:`LAYERS` with the curvature package expanded into its modules (those that exist)."""
+    out = []
+    for name in LAYERS:
+        if importlib.util.find_spec(name) is None:
+            continue
+        out.append(name)
+        if name == "laplace_kron.curvature":
+            pkg = importlib.import_module(name)
+            subs = sorted(m.name for m in pkgutil.iter_modules(pkg.__path__))
+            out += [f"{name}.{m}" for m in subs if not m.startswith("_")]
+    return out
+
+
+MODULES = _modules()
 
 
 def _signature(obj) -> str:
