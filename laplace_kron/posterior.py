@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .curvature.kfac import CurvatureFitter
+from .curvature import CurvatureFitter, CurvatureOptions
 from .curvature.likelihoods import check_likelihood
 from .kron import KronBlock, KronCurvature
 from .spectrum import Spectrum
@@ -180,9 +180,7 @@ class KronLaplace:
 
     # ------------------------------------------------------------------ fitting
     def _make_fitter(self) -> CurvatureFitter:
-        return CurvatureFitter(
-            self.model,
-            self.likelihood,
+        options = CurvatureOptions(
             fisher=self.fisher,
             mc_samples=self.mc_samples,
             weight_sharing=self.weight_sharing,
@@ -191,6 +189,7 @@ class KronLaplace:
             generator=self.generator,
             distributed=self.distributed,
         )
+        return CurvatureFitter(self.model, self.likelihood, options)
 
     def fit(
         self,
@@ -206,13 +205,10 @@ class KronLaplace:
         with the same path resumes an interrupted fit. On error the previous fit (if any) is kept.
         """
         fitter = self._make_fitter()
-        kw = {}
-        if checkpoint is not None:
-            kw = {"checkpoint": checkpoint, "checkpoint_every": checkpoint_every}
-        if self.curvature_type == "kfac":
-            curv = fitter.fit_kfac(data, progress, **kw)
-        else:
-            curv = fitter.fit_ekfac(data, progress, **kw)
+        every = (
+            None if checkpoint is None else checkpoint_every
+        )  # as before: ignored without a path
+        curv = fitter.fit(self.curvature_type, data, progress, checkpoint, every)
         params = dict(self.model.named_parameters())
         mean = torch.cat([params[n].detach().reshape(-1) for n in curv.param_names]).clone()
         if self.prior_precision.ndim == 1 and self.prior_precision.shape != (len(curv.blocks),):

@@ -36,14 +36,18 @@ from :meth:`KronLaplace.sample`, one forward-mode JVP (``torch.func.jvp``) per s
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jvp, vmap
 
+from .curvature.batches import BatchSizeFn, Inputs, warn_if_train_mode
+from .curvature.batches import check_inputs as _check_inputs
+from .curvature.batches import checked_forward as _forward
+from .curvature.batches import input_batch_size as _batch_size
+from .curvature.batches import slice_inputs as _slice
 from .curvature.capture import Capture, LayerSpec, flatten_output
 from .kron import KronBlock
 from .links import _gaussian_samples, centered_probit, laplace_bridge, probit
@@ -66,105 +70,15 @@ LINKS = ("probit", "centered_probit", "mc", "bridge")
 # Default budget (number of tensor elements) for the largest intermediate of one tile.
 DEFAULT_CHUNK = 2**22
 
-Inputs = Tensor | Mapping[str, Any]
-BatchSizeFn = Callable[[Any], int]
-
 
 # --------------------------------------------------------------------------------------------------
 # Inputs
 # --------------------------------------------------------------------------------------------------
 
 
-def _tensors(x: Inputs) -> list[Tensor]:
-    return [v for v in x.values() if isinstance(v, Tensor)] if isinstance(x, Mapping) else [x]
-
-
-def _check_inputs(x: Inputs) -> None:
-    if not isinstance(x, (Tensor, Mapping)):
-        raise TypeError(
-            f"inputs must be a torch.Tensor or a mapping of tensors (e.g. a tokenizer batch), got "
-            f"{type(x).__name__}"
-        )
-    tensors = _tensors(x)
-    if not tensors:
-        raise ValueError("the input mapping contains no tensors")
-    for t in tensors:
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise ValueError(
-                "inputs contain NaN or Inf; clean or impute the data before predicting"
-            )
-
-
-def _batch_size(x: Inputs, batch_size_fn: BatchSizeFn | None) -> int:
-    """Number of data points in ``x``: ``batch_size_fn(x)``, ``x.shape[0]``, or the common leading
-    dimension of a mapping's tensors."""
-    if batch_size_fn is not None:
-        B = batch_size_fn(x)
-        if not isinstance(B, int) or B < 0:
-            raise ValueError(f"batch_size_fn must return a non-negative int, got {B!r}")
-    elif isinstance(x, Tensor):
-        if x.ndim == 0:
-            raise ValueError("inputs must have a leading batch dimension, got a 0-d tensor")
-        B = x.shape[0]
-    else:
-        sizes = {t.shape[0] for t in _tensors(x) if t.ndim > 0}
-        if len(sizes) != 1:
-            raise ValueError(
-                f"cannot infer the batch size of a mapping whose tensors have leading dimensions "
-                f"{sorted(sizes)}; pass batch_size_fn=lambda batch: <number of data points>"
-            )
-        B = sizes.pop()
-    if B == 0:
-        raise ValueError("the input batch is empty")
-    return B
-
-
-def _slice(x: Inputs, start: int, stop: int, B: int) -> Inputs:
-    """Rows ``start:stop`` of ``x`` (mapping: every tensor whose leading dimension is ``B``)."""
-    if start == 0 and stop == B:
-        return x
-    if isinstance(x, Tensor):
-        return x[start:stop]
-    out = {
-        k: (v[start:stop] if isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] == B else v)
-        for k, v in x.items()
-    }
-    if type(x) is dict:
-        return out
-    try:
-        return type(x)(out)
-    except TypeError:
-        return out
-
-
-def _forward(model: nn.Module, x: Inputs, B: int) -> Tensor:
-    f = model(x)
-    if not isinstance(f, Tensor):
-        raise TypeError(
-            f"the model must return a tensor, got {type(f).__name__}; wrap it so that it returns "
-            "the logits / outputs"
-        )
-    if f.ndim == 0 or f.shape[0] != B:
-        raise ValueError(
-            f"the model output has shape {tuple(f.shape)} but the inputs hold {B} data points; "
-            "pass batch_size_fn= if the batch size is not the leading input dimension"
-        )
-    return f
-
-
 def _check_model(la: KronLaplace) -> None:
     la._require_fit()
-    stochastic = [
-        n
-        for n, m in la.model.named_modules()
-        if m.training and isinstance(m, (nn.Dropout, nn.modules.batchnorm._BatchNorm))
-    ]
-    if stochastic:
-        warnings.warn(
-            f"model is in train mode with dropout/batch-norm layers ({', '.join(stochastic[:5])}); "
-            "predictions will be stochastic. Call model.eval() before predicting.",
-            stacklevel=4,
-        )
+    warn_if_train_mode(la.model, "predicting", stacklevel=3)
 
 
 def _validate(method: str, link: str, n_samples: int, chunk_size: int) -> None:

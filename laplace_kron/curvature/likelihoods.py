@@ -27,8 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-LIKELIHOODS = ("classification", "regression", "binary")
-FISHER_TYPES = ("exact", "mc", "empirical")
+from ..constants import FISHER_TYPES, LIKELIHOODS
 
 __all__ = [
     "FISHER_TYPES",
