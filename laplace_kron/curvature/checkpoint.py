@@ -64,10 +64,7 @@ class Checkpoint:
         try:
             return io.load_file(self.path, CHECKPOINT_FORMAT)
         except ValueError as e:
-            raise ValueError(
-                f"refusing checkpoint {self.path!r}: it is not a laplace_kron fit checkpoint this "
-                f"version can resume ({e}); delete it or pass another checkpoint path"
-            ) from e
+            raise ValueError(f"{e}; delete the checkpoint or pass another checkpoint path") from e
 
     def save(self, settings: dict, state: FitState) -> None:
         """Write ``settings`` and ``state`` atomically (temp file, fsync, rename)."""
