@@ -11,7 +11,7 @@ batches when a checkpoint path is given.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -180,25 +180,13 @@ class CurvatureFitter:
             ckpt.remove()
         return curv
 
-    def fit_kfac(
-        self,
-        data: Iterable,
-        progress: bool = False,
-        checkpoint: str | os.PathLike | None = None,
-        checkpoint_every: int | None = None,
-    ) -> KronCurvature:
-        """``fit("kfac", ...)``: one pass over ``data``."""
-        return self.fit("kfac", data, progress, checkpoint, checkpoint_every)
+    def fit_kfac(self, data: Iterable, *args: Any, **kwargs: Any) -> KronCurvature:
+        """``fit("kfac", data, ...)``: one pass over ``data``."""
+        return self.fit("kfac", data, *args, **kwargs)
 
-    def fit_ekfac(
-        self,
-        data: Iterable,
-        progress: bool = False,
-        checkpoint: str | os.PathLike | None = None,
-        checkpoint_every: int | None = None,
-    ) -> KronCurvature:
-        """``fit("ekfac", ...)``: KFAC pass, then the eigenvalue-correction pass."""
-        return self.fit("ekfac", data, progress, checkpoint, checkpoint_every)
+    def fit_ekfac(self, data: Iterable, *args: Any, **kwargs: Any) -> KronCurvature:
+        """``fit("ekfac", data, ...)``: KFAC pass, then the eigenvalue-correction pass."""
+        return self.fit("ekfac", data, *args, **kwargs)
 
     # ------------------------------------------------------------------------- pass driver
     def _fit_passes(
@@ -284,18 +272,31 @@ class CurvatureFitter:
             )
 
 
-def kfac(
-    model: nn.Module,
-    data: Iterable,
-    likelihood: str,
-    fisher: str = "mc",
-    mc_samples: int = 1,
-    *,
-    progress: bool = False,
-    checkpoint: str | os.PathLike | None = None,
-    checkpoint_every: int | None = None,
-    **options: Any,
-) -> KronCurvature:
+def _entry(kind: str, doc: str) -> Callable[..., KronCurvature]:
+    """The function :func:`kfac` / :func:`ekfac` (one signature for both)."""
+
+    def fit(
+        model: nn.Module,
+        data: Iterable,
+        likelihood: str,
+        fisher: str = "mc",
+        mc_samples: int = 1,
+        *,
+        progress: bool = False,
+        checkpoint: str | os.PathLike | None = None,
+        checkpoint_every: int | None = None,
+        **options: Any,
+    ) -> KronCurvature:
+        fitter = CurvatureFitter(model, likelihood, fisher=fisher, mc_samples=mc_samples, **options)
+        return fitter.fit(kind, data, progress, checkpoint, checkpoint_every)
+
+    fit.__name__ = fit.__qualname__ = kind
+    fit.__doc__ = doc
+    return fit
+
+
+kfac = _entry(
+    "kfac",
     """KFAC approximation of the GGN / Fisher of the summed negative log-likelihood.
 
     Args:
@@ -314,26 +315,12 @@ def kfac(
     Returns:
         A :class:`~laplace_kron.kron.KronCurvature`; ``to_dense()`` orders rows by
         ``param_names`` (``model.named_parameters()`` order).
-    """
-    fitter = CurvatureFitter(model, likelihood, fisher=fisher, mc_samples=mc_samples, **options)
-    return fitter.fit("kfac", data, progress, checkpoint, checkpoint_every)
-
-
-def ekfac(
-    model: nn.Module,
-    data: Iterable,
-    likelihood: str,
-    fisher: str = "mc",
-    mc_samples: int = 1,
-    *,
-    progress: bool = False,
-    checkpoint: str | os.PathLike | None = None,
-    checkpoint_every: int | None = None,
-    **options: Any,
-) -> KronCurvature:
+    """,
+)
+ekfac = _entry(
+    "ekfac",
     """EKFAC: the KFAC eigenbasis with eigenvalues corrected by a second pass over ``data``.
 
     Same arguments as :func:`kfac`; ``data`` is iterated twice (it must be re-iterable).
-    """
-    fitter = CurvatureFitter(model, likelihood, fisher=fisher, mc_samples=mc_samples, **options)
-    return fitter.fit("ekfac", data, progress, checkpoint, checkpoint_every)
+    """,
+)
