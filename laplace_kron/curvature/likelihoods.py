@@ -30,8 +30,6 @@ from torch import Tensor
 from ..constants import FISHER_TYPES, LIKELIHOODS
 
 __all__ = [
-    "FISHER_TYPES",
-    "LIKELIHOODS",
     "check_likelihood",
     "prepare_targets",
     "nll_sum",
