@@ -205,9 +205,8 @@ class KronLaplace:
         with the same path resumes an interrupted fit. On error the previous fit (if any) is kept.
         """
         fitter = self._make_fitter()
-        every = (
-            None if checkpoint is None else checkpoint_every
-        )  # as before: ignored without a path
+        # As before: checkpoint_every is ignored without a checkpoint path.
+        every = None if checkpoint is None else checkpoint_every
         curv = fitter.fit(self.curvature_type, data, progress, checkpoint, every)
         params = dict(self.model.named_parameters())
         mean = torch.cat([params[n].detach().reshape(-1) for n in curv.param_names]).clone()
