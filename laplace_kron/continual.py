@@ -29,15 +29,13 @@ import torch
 from torch import Tensor, nn
 
 from .curvature import ekfac, kfac
-from .curvature.capture import Capture, select_layers
-from .curvature.gram import per_example_sq
-from .curvature.kfac import _check_model_mode
+from .curvature.capture import select_layers
+from .curvature.diag import fit_diagonal
 from .curvature.likelihoods import (
     check_fisher,
     check_likelihood,
-    output_gradient_vectors,
-    prepare_targets,
 )
+from .curvature.options import CurvatureOptions
 from .kron import Eigen, KronBlock, KronCurvature
 
 __all__ = ["OnlineLaplace", "CURVATURES"]
@@ -45,8 +43,6 @@ __all__ = ["OnlineLaplace", "CURVATURES"]
 CURVATURES = ("kfac", "ekfac", "diag")
 _STATE_FORMAT = "laplace_kron.OnlineLaplace"
 _STATE_VERSION = 1
-# Per-example gradients for the diagonal Fisher are built in chunks of at most this many entries.
-_DIAG_CHUNK = 2**23
 
 
 @dataclass
@@ -279,7 +275,7 @@ class OnlineLaplace:
         Put the model in eval mode first if it has dropout or batch-norm.
         """
         if self.curvature == "diag":
-            diag, n = self._fit_diag(data)
+            diag, n = self._fit_diag(data, progress)
             self.consolidate_curvature(diag, num_data=n)
             return
         fit = kfac if self.curvature == "kfac" else ekfac
@@ -380,62 +376,16 @@ class OnlineLaplace:
             old = self._diag.get(n)
             self._diag[n] = d.clone() if old is None else self.decay * old + d
 
-    def _fit_diag(self, data: Iterable) -> tuple[dict[str, Tensor], int]:
-        """Diagonal GGN / Fisher ``sum_{n,k} (d (s_k . f(x_n)) / d theta)^2`` of the summed NLL.
-
-        ``s_k`` are the output-gradient vectors of :func:`output_gradient_vectors` (exact diagonal
-        for ``fisher="exact"``, its MC / empirical estimate otherwise). The per-example gradient of
-        a layer is ``sum_t g_t a_t^T`` (``t``: shared positions), built from the same captured
-        inputs ``a`` and output-gradients ``g`` as KFAC, and squared before summing over data.
-        """
-        _check_model_mode(self.model)
-        specs = select_layers(self.model, self.modules, self.separate_bias)
-        named = dict(self.model.named_parameters())
-        p0 = named[self.param_names[0]]
-        sums: list[Tensor | None] = [None] * len(specs)
-        bias_sums: list[Tensor | None] = [None] * len(specs)
-        num = 0
-        for i, batch in enumerate(data):
-            if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-                raise ValueError(f"batch {i}: data must yield (inputs, targets) pairs")
-            x, y = batch
-            if isinstance(x, Tensor) and x.is_floating_point() and not torch.isfinite(x).all():
-                raise ValueError(f"batch {i}: inputs contain NaN or Inf; clean or impute the data")
-            x = x.to(p0.device) if isinstance(x, Tensor) else x
-            with Capture(specs) as cap:
-                f = self.model(x)
-                if not isinstance(f, Tensor):
-                    raise TypeError(f"the model must return a tensor, got {type(f).__name__}")
-                fc, yc = prepare_targets(f, y.to(p0.device), self.likelihood)
-                if not torch.isfinite(fc).all():
-                    raise ValueError(f"batch {i}: the network output contains NaN or Inf")
-                S = output_gradient_vectors(
-                    fc, yc, self.likelihood, self.fisher, self.mc_samples, self.generator
-                )
-                grads = cap.output_gradients(fc, S)
-                inputs = [cap.layer_inputs(spec) for spec in specs]
-            with torch.no_grad():
-                for li, (spec, a, g) in enumerate(zip(specs, inputs, grads)):
-                    if spec.has_weight:
-                        sq = _per_example_sq(a, g)
-                        sums[li] = sq if sums[li] is None else sums[li] + sq
-                    if spec.has_bias and not spec.joint:
-                        sq = (g.sum(dim=2) ** 2).sum(dim=(0, 1))
-                        bias_sums[li] = sq if bias_sums[li] is None else bias_sums[li] + sq
-            num += fc.shape[0]
-        if num == 0:
-            raise ValueError("no data was seen: the data iterable is empty")
-        diag: dict[str, Tensor] = {}
-        for spec, sq, bsq in zip(specs, sums, bias_sums):
-            if spec.joint:
-                diag[spec.weight_name] = sq[:, :-1].reshape(named[spec.weight_name].shape)
-                diag[spec.bias_name] = sq[:, -1].reshape(named[spec.bias_name].shape)
-                continue
-            if spec.has_weight:
-                diag[spec.weight_name] = sq.reshape(named[spec.weight_name].shape)
-            if spec.has_bias:
-                diag[spec.bias_name] = bsq.reshape(named[spec.bias_name].shape)
-        return diag, num
+    def _fit_diag(self, data: Iterable, progress: bool = False) -> tuple[dict[str, Tensor], int]:
+        """Diagonal GGN / Fisher of ``data`` (:func:`~laplace_kron.curvature.diag.fit_diagonal`)."""
+        options = CurvatureOptions(
+            fisher=self.fisher,
+            mc_samples=self.mc_samples,
+            separate_bias=self.separate_bias,
+            modules=self.modules,
+            generator=self.generator,
+        )
+        return fit_diagonal(self.model, data, self.likelihood, options, progress)
 
     # ------------------------------------------------------------------------- penalty
     def _check_params(self, named: Mapping[str, Tensor], what: str) -> None:
@@ -634,11 +584,6 @@ class OnlineLaplace:
             if self.generator is None:
                 self.generator = torch.Generator()
             self.generator.set_state(gen_state)
-
-
-def _per_example_sq(a: Tensor, g: Tensor) -> Tensor:
-    """``sum_{k,n} (sum_t g[k,n,t] a[n,t]^T)^2`` for ``a [B, T, i]``, ``g [K, B, T, o]`` -> ``[o, i]``."""
-    return per_example_sq(a, g, _DIAG_CHUNK)
 
 
 def _params_to_mat(bs: _BlockSum, params: list[Tensor]) -> Tensor:

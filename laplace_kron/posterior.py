@@ -27,8 +27,8 @@ import torch
 from torch import Tensor, nn
 
 from . import io
-from ._shim import CurvatureFitter, CurvatureOptions, LayerSpec
 from .constants import LIKELIHOODS, POSTERIOR_CURVATURES
+from .curvature import CurvatureFitter, CurvatureOptions, LayerSpec
 from .kron import KronBlock, KronCurvature, per_block
 from .spectrum import Spectrum
 

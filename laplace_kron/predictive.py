@@ -1,4 +1,4 @@
-r"""Predictive distributions of a :class:`~laplace_kron.KronLaplace` posterior.
+r"""Predictive distributions of a :class:`~laplace_kron.posterior.KronPosterior`.
 
 **GLM (linearized) predictive.** Linearizing the network at the MAP ``theta*``,
 
@@ -28,28 +28,33 @@ the last input column (input 1); a separate bias block has ``A = [[1]]`` and inp
 
 **Links** from the logit Gaussian to probabilities are in :mod:`laplace_kron.links`.
 
-**Sampling predictives.** ``glm_mc``: ``f(x; theta*) + J(x) (theta_s - theta*)`` with ``theta_s``
-from :meth:`KronLaplace.sample`, one forward-mode JVP (``torch.func.jvp``) per sample; ``nn``:
-``f(x; theta_s)`` via ``torch.func.functional_call`` (the model's parameters are never modified).
+**Sampling predictives** at posterior parameter samples (``glm_mc``, ``nn``) are in
+:mod:`laplace_kron.sampling`; :func:`predict` and :func:`predictive_samples` dispatch to them.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, jvp, vmap
 
+from .constants import DEFAULT_CHUNK, LINKS
+from .constants import PREDICTIVE_METHODS as METHODS
+from .curvature.batches import (
+    BatchSizeFn,
+    Inputs,
+    check_inputs,
+    checked_forward,
+    input_batch_size,
+    slice_inputs,
+)
 from .curvature.capture import Capture, LayerSpec, flatten_output
 from .kron import KronBlock
 from .links import centered_probit, gaussian_samples, laplace_bridge, probit
-
-if TYPE_CHECKING:
-    from .posterior import KronPosterior as KronLaplace
+from .posterior import KronPosterior
+from .sampling import check_differentiable, check_predictable, parameter_sample_outputs
 
 __all__ = [
     "METHODS",
@@ -61,111 +66,6 @@ __all__ = [
     "predictive_samples",
 ]
 
-METHODS = ("glm", "glm_mc", "nn")
-LINKS = ("probit", "centered_probit", "mc", "bridge")
-# Default budget (number of tensor elements) for the largest intermediate of one tile.
-DEFAULT_CHUNK = 2**22
-
-Inputs = Tensor | Mapping[str, Any]
-BatchSizeFn = Callable[[Any], int]
-
-
-# --------------------------------------------------------------------------------------------------
-# Inputs
-# --------------------------------------------------------------------------------------------------
-
-
-def _tensors(x: Inputs) -> list[Tensor]:
-    return [v for v in x.values() if isinstance(v, Tensor)] if isinstance(x, Mapping) else [x]
-
-
-def _check_inputs(x: Inputs) -> None:
-    if not isinstance(x, (Tensor, Mapping)):
-        raise TypeError(
-            f"inputs must be a torch.Tensor or a mapping of tensors (e.g. a tokenizer batch), got "
-            f"{type(x).__name__}"
-        )
-    tensors = _tensors(x)
-    if not tensors:
-        raise ValueError("the input mapping contains no tensors")
-    for t in tensors:
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise ValueError(
-                "inputs contain NaN or Inf; clean or impute the data before predicting"
-            )
-
-
-def _batch_size(x: Inputs, batch_size_fn: BatchSizeFn | None) -> int:
-    """Number of data points in ``x``: ``batch_size_fn(x)``, ``x.shape[0]``, or the common leading
-    dimension of a mapping's tensors."""
-    if batch_size_fn is not None:
-        B = batch_size_fn(x)
-        if not isinstance(B, int) or B < 0:
-            raise ValueError(f"batch_size_fn must return a non-negative int, got {B!r}")
-    elif isinstance(x, Tensor):
-        if x.ndim == 0:
-            raise ValueError("inputs must have a leading batch dimension, got a 0-d tensor")
-        B = x.shape[0]
-    else:
-        sizes = {t.shape[0] for t in _tensors(x) if t.ndim > 0}
-        if len(sizes) != 1:
-            raise ValueError(
-                f"cannot infer the batch size of a mapping whose tensors have leading dimensions "
-                f"{sorted(sizes)}; pass batch_size_fn=lambda batch: <number of data points>"
-            )
-        B = sizes.pop()
-    if B == 0:
-        raise ValueError("the input batch is empty")
-    return B
-
-
-def _slice(x: Inputs, start: int, stop: int, B: int) -> Inputs:
-    """Rows ``start:stop`` of ``x`` (mapping: every tensor whose leading dimension is ``B``)."""
-    if start == 0 and stop == B:
-        return x
-    if isinstance(x, Tensor):
-        return x[start:stop]
-    out = {
-        k: (v[start:stop] if isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] == B else v)
-        for k, v in x.items()
-    }
-    if type(x) is dict:
-        return out
-    try:
-        return type(x)(out)
-    except TypeError:
-        return out
-
-
-def _forward(model: nn.Module, x: Inputs, B: int) -> Tensor:
-    f = model(x)
-    if not isinstance(f, Tensor):
-        raise TypeError(
-            f"the model must return a tensor, got {type(f).__name__}; wrap it so that it returns "
-            "the logits / outputs"
-        )
-    if f.ndim == 0 or f.shape[0] != B:
-        raise ValueError(
-            f"the model output has shape {tuple(f.shape)} but the inputs hold {B} data points; "
-            "pass batch_size_fn= if the batch size is not the leading input dimension"
-        )
-    return f
-
-
-def _check_model(la: KronLaplace) -> None:
-    la.require_fit()
-    stochastic = [
-        n
-        for n, m in la.model.named_modules()
-        if m.training and isinstance(m, (nn.Dropout, nn.modules.batchnorm._BatchNorm))
-    ]
-    if stochastic:
-        warnings.warn(
-            f"model is in train mode with dropout/batch-norm layers ({', '.join(stochastic[:5])}); "
-            "predictions will be stochastic. Call model.eval() before predicting.",
-            stacklevel=4,
-        )
-
 
 def _validate(method: str, link: str, n_samples: int, chunk_size: int) -> None:
     if method not in METHODS:
@@ -175,14 +75,6 @@ def _validate(method: str, link: str, n_samples: int, chunk_size: int) -> None:
     if not isinstance(n_samples, int) or isinstance(n_samples, bool) or n_samples < 1:
         raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
     _check_chunk(chunk_size)
-
-
-def _check_autograd(what: str) -> None:
-    if torch.is_inference_mode_enabled():
-        raise RuntimeError(
-            f"{what} differentiates the network and cannot run inside torch.inference_mode(); "
-            "call it outside (torch.no_grad() is fine) or use method='nn'"
-        )
 
 
 def _check_chunk(chunk_size: int) -> None:
@@ -210,7 +102,7 @@ class _Plan:
         return (lam * self.scale).add_(self.delta).reciprocal_()
 
 
-def _plans(la: KronLaplace) -> tuple[list[LayerSpec], list[_Plan]]:
+def _plans(la: KronPosterior) -> tuple[list[LayerSpec], list[_Plan]]:
     curv = la.require_fit()
     specs = la.specs
     owner = {}
@@ -232,7 +124,7 @@ def _plans(la: KronLaplace) -> tuple[list[LayerSpec], list[_Plan]]:
     return specs, plans
 
 
-def _check_at_mean(la: KronLaplace) -> None:
+def _check_at_mean(la: KronPosterior) -> None:
     params = dict(la.model.named_parameters())
     start = 0
     for n in la.param_names:
@@ -248,11 +140,11 @@ def _check_at_mean(la: KronLaplace) -> None:
         start += k
 
 
-def _per_example_elements(la: KronLaplace, specs: list[LayerSpec], x: Inputs, B: int) -> int:
+def _per_example_elements(la: KronPosterior, specs: list[LayerSpec], x: Inputs, B: int) -> int:
     """Elements held per input: output-gradients of all outputs plus layer inputs (one probe)."""
-    one = _slice(x, 0, 1, B)
+    one = slice_inputs(x, 0, 1, B)
     with torch.no_grad(), Capture(specs) as cap:
-        f = _forward(la.model, one, 1)
+        f = checked_forward(la.model, one, 1)
         C = f[0].numel()
         total = 0
         for s in specs:
@@ -357,7 +249,7 @@ def _output_gradients(
 
 
 def glm_moments(
-    la: KronLaplace,
+    la: KronPosterior,
     x: Inputs,
     diag: bool = False,
     chunk_size: int = DEFAULT_CHUNK,
@@ -379,7 +271,7 @@ def glm_moments(
 
 
 def _glm(
-    la: KronLaplace,
+    la: KronPosterior,
     x: Inputs,
     diag: bool,
     chunk_size: int,
@@ -388,11 +280,11 @@ def _glm(
     vectorize: bool = True,
 ) -> tuple[Tensor, Tensor, torch.Size]:
     """:func:`glm_moments` plus the model output shape ``[B, ...]``."""
-    _check_model(la)
-    _check_autograd("the GLM predictive")
-    _check_inputs(x)
+    check_predictable(la)
+    check_differentiable("the GLM predictive")
+    check_inputs(x)
     _check_chunk(chunk_size)
-    B = _batch_size(x, batch_size_fn)
+    B = input_batch_size(x, batch_size_fn)
     specs, plans = _plans(la)
     _check_at_mean(la)
     if batch_size is None:
@@ -403,9 +295,9 @@ def _glm(
     linvs: dict[int, Tensor] = {}
     for start in range(0, B, batch_size):
         stop = min(B, start + batch_size)
-        xb = _slice(x, start, stop, B)
+        xb = slice_inputs(x, start, stop, B)
         with torch.enable_grad(), Capture(specs) as cap:
-            f = _forward(la.model, xb, stop - start)
+            f = checked_forward(la.model, xb, stop - start)
             tail = f.shape[1:]
             f2 = f.reshape(stop - start, -1)
             if not torch.isfinite(f2).all():
@@ -429,7 +321,7 @@ def _glm(
 
 
 def functional_covariance(
-    la: KronLaplace,
+    la: KronPosterior,
     x: Inputs,
     chunk_size: int = DEFAULT_CHUNK,
     batch_size: int | None = None,
@@ -442,7 +334,7 @@ def functional_covariance(
 
 
 def functional_variance(
-    la: KronLaplace,
+    la: KronPosterior,
     x: Inputs,
     chunk_size: int = DEFAULT_CHUNK,
     batch_size: int | None = None,
@@ -458,25 +350,8 @@ def functional_variance(
 # --------------------------------------------------------------------------------------------------
 
 
-def _unflatten(la: KronLaplace, vec: Tensor) -> dict[str, Tensor]:
-    params = dict(la.model.named_parameters())
-    out, start = {}, 0
-    for n in la.param_names:
-        p = params[n]
-        out[n] = vec[start : start + p.numel()].view_as(p)
-        start += p.numel()
-    return out
-
-
-def _sample_chunks(la: KronLaplace, n: int, generator, k: int):
-    """Posterior samples ``[<=k, P]`` in chunks of at most ``k`` (at least 1)."""
-    k = max(1, min(n, k))
-    for s in range(0, n, k):
-        yield la.sample(min(k, n - s), generator=generator)
-
-
 def predictive_samples(
-    la: KronLaplace,
+    la: KronPosterior,
     x: Inputs,
     method: str = "glm",
     n_samples: int = 100,
@@ -495,7 +370,7 @@ def predictive_samples(
 
 
 def _samples(
-    la: KronLaplace,
+    la: KronPosterior,
     x: Inputs,
     method: str,
     n_samples: int,
@@ -508,43 +383,9 @@ def _samples(
     if method == "glm":
         mean, cov, shape = _glm(la, x, False, chunk_size, None, batch_size_fn, vectorize)
         return gaussian_samples(mean, cov, n_samples, generator), shape
-    _check_model(la)
-    if method == "glm_mc":
-        _check_autograd("method='glm_mc'")
-    _check_inputs(x)
-    B = _batch_size(x, batch_size_fn)
-    model = la.model
-    params = dict(model.named_parameters())
-    mean_params = {n: params[n].detach() for n in la.param_names}
-
-    def call(p: dict[str, Tensor]) -> Tensor:
-        return functional_call(model, p, (x,))
-
-    def one(theta: Tensor) -> Tensor:  # theta [P] -> output of one sample
-        if method == "glm_mc":
-            f0, jv = jvp(call, (mean_params,), (_unflatten(la, theta - la.mean),))
-            return f0 + jv
-        return call(_unflatten(la, theta))
-
-    with torch.no_grad():
-        f = _forward(model, _slice(x, 0, 1, B), 1)  # validates the output, gives its shape
-        shape = torch.Size((B, *f.shape[1:]))
-        per_sample = max(la.n_params, B * f[0].numel())
-        outs, batched = [], vectorize
-        for thetas in _sample_chunks(la, n_samples, generator, chunk_size // per_sample):
-            if batched:
-                try:
-                    outs.append(vmap(one)(thetas).reshape(len(thetas), B, -1))
-                    continue
-                except (RuntimeError, NotImplementedError) as e:
-                    warnings.warn(
-                        f"torch.func.vmap over posterior samples failed ({e}); falling back to one "
-                        "forward pass per sample. Pass vectorize=False to skip the attempt.",
-                        stacklevel=3,
-                    )
-                    batched = False
-            outs.extend(one(theta).reshape(1, B, -1) for theta in thetas)
-    return torch.cat(outs), shape
+    return parameter_sample_outputs(
+        la, x, method, n_samples, generator, chunk_size, batch_size_fn, vectorize
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -553,7 +394,7 @@ def _samples(
 
 
 def predict(
-    la: KronLaplace,
+    la: KronPosterior,
     x: Inputs,
     method: str = "glm",
     link: str = "probit",

@@ -298,6 +298,111 @@ def test_corrupted_checkpoint_contents(tmp_path):
         _fitter(model).fit_ekfac(batches, checkpoint=path)
 
 
+# --------------------------------------------------------------------------- poisoned / malformed
+def _refused(model, batches, path, match) -> None:
+    """The checkpoint at ``path`` is refused with a ValueError naming it, nothing is fitted, and
+    the file is left for the user to inspect."""
+    fitter = _fitter(model)
+    with pytest.raises(ValueError, match=match) as err:
+        fitter.fit_ekfac(batches, checkpoint=path)
+    assert str(path) in str(err.value)
+    assert fitter.num_data == 0 and all(a is None for a in fitter.A_sum + fitter.G_sum)
+    with pytest.raises(RuntimeError, match="last fit failed"):
+        fitter.blocks()
+    assert path.exists()
+
+
+@pytest.mark.parametrize("key", ["A_sum", "G_sum"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_checkpoint_with_nan_factor_sum_is_refused(tmp_path, key, value):
+    model, batches = _problem()
+    path = _crashed_checkpoint(tmp_path, model, batches)
+    state = torch.load(path, weights_only=True)
+    state[key][1][0, 0] = value
+    torch.save(state, path)
+    _refused(model, batches, path, rf"{key}\[1\] holds NaN or Inf")
+
+
+def test_checkpoint_with_nan_scalar_or_eigenvalue_sum_is_refused(tmp_path):
+    model, batches = _problem()
+    path = _crashed_checkpoint(tmp_path, model, batches)
+    good = torch.load(path, weights_only=True)
+    state = dict(good, loss=float("nan"))
+    torch.save(state, path)
+    _refused(model, batches, path, "loss is nan")
+    # an EKFAC-pass checkpoint with eigenvalue sums
+    path2 = tmp_path / "e.pt"
+    with pytest.raises(KeyboardInterrupt):
+        _fitter(model).fit_ekfac(
+            Crash(batches, N_BATCHES + 4), checkpoint=path2, checkpoint_every=2
+        )
+    state = torch.load(path2, weights_only=True)
+    assert state["pass"] == "ekfac" and state["E_sum"][0] is not None
+    state["E_sum"][0][0][0, 0] = float("-inf")
+    torch.save(state, path2)
+    _refused(model, batches, path2, r"E_sum\[0\]\[0\] holds NaN or Inf")
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.1, 0.5, 0.9, 0.999])
+def test_truncated_checkpoint_is_refused(tmp_path, fraction):
+    model, batches = _problem()
+    path = _crashed_checkpoint(tmp_path, model, batches)
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * fraction)])
+    _refused(model, batches, path, "refusing to load|cannot read")
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_random_bytes_checkpoint_is_refused(tmp_path, seed):
+    model, batches = _problem()
+    path = tmp_path / "ck.pt"
+    n = int(torch.randint(1, 4096, (1,), generator=torch.Generator().manual_seed(seed)))
+    noise = torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(seed))
+    path.write_bytes(bytes(noise.to(torch.uint8).tolist()))
+    _refused(model, batches, path, "refusing to load|cannot read")
+
+
+def test_checkpoint_of_another_version_or_format_is_refused(tmp_path):
+    model, batches = _problem()
+    path = _crashed_checkpoint(tmp_path, model, batches)
+    good = torch.load(path, weights_only=True)
+    torch.save(dict(good, version=2), path)
+    _refused(model, batches, path, "version 2.*reads version 1")
+    torch.save(dict(good, version="1"), path)
+    _refused(model, batches, path, "version '1'")
+    torch.save(dict(good, format="laplace_kron.KronLaplace"), path)
+    _refused(model, batches, path, "not a laplace_kron fit checkpoint but a KronLaplace posterior")
+    torch.save(dict(good, format="laplace_kron.OnlineLaplace"), path)
+    _refused(model, batches, path, "not a laplace_kron fit checkpoint but an? OnlineLaplace")
+    torch.save([good], path)
+    _refused(model, batches, path, "holds a list, not a dict")
+
+
+@pytest.mark.parametrize(
+    "name,corrupt,match",
+    [
+        ("short factor list", lambda s: s["A_sum"].pop(), "A_sum must be a list of 3 entries"),
+        ("factor list a dict", lambda s: s.update(G_sum={}), "G_sum must be a list"),
+        ("wrong shape", lambda s: s["A_sum"].__setitem__(0, torch.ones(2, 2)), "shape"),
+        ("integer tensor", lambda s: s["G_sum"].__setitem__(0, torch.ones(5, 5).long()), "tensor"),
+        ("string count", lambda s: s.update(num_data="10"), "num_data"),
+        ("negative count", lambda s: s.update(pass_data=-1), "pass_data"),
+        ("unknown pass", lambda s: s.update({"pass": "sgd"}), "unknown pass"),
+        ("missing key", lambda s: s.pop("n_outputs"), "n_outputs"),
+        ("no generator state", lambda s: s.update(generator_state=None), "generator state"),
+        ("bad fingerprint", lambda s: s.update(fingerprint=["a"]), "fingerprint"),
+        ("no settings", lambda s: s.pop("settings"), "no settings"),
+    ],
+)
+def test_malformed_checkpoint_contents_are_refused(tmp_path, name, corrupt, match):
+    model, batches = _problem()
+    path = _crashed_checkpoint(tmp_path, model, batches)
+    state = torch.load(path, weights_only=True)
+    corrupt(state)
+    torch.save(state, path)
+    _refused(model, batches, path, f"is corrupted.*{match}")
+
+
 if __name__ == "__main__" and sys.argv[1:2] == ["--fit"]:
     torch.set_default_dtype(torch.float64)
     _model, _batches = _problem()

@@ -8,6 +8,7 @@ from torch import nn
 
 import laplace_kron as lk
 from laplace_kron.curvature import capture, output_gradient_vectors
+from laplace_kron.curvature.accumulate import FactorAccumulator
 
 DEFAULT_DTYPE = torch.float64  # applied per test by conftest.py
 
@@ -268,19 +269,19 @@ def test_closed_form_output_layer_G_equals_the_vector_sum(likelihood, d_out, mon
     x, y = make_data(likelihood, 30, d_out)
     data = [(x[:15], y[:15]), (x[15:], y[15:])]
     handled = []
-    closed_form = lk.curvature.CurvatureFitter._closed_form_G
+    closed_form = FactorAccumulator._closed_form_G
 
     def spy(self, f):
         done = closed_form(self, f)
         handled.append(done)
         return done
 
-    monkeypatch.setattr(lk.curvature.CurvatureFitter, "_closed_form_G", spy)
+    monkeypatch.setattr(FactorAccumulator, "_closed_form_G", spy)
     fast = lk.kfac(model, data, likelihood, fisher="exact")
     assert handled == [{len(fast.blocks) - 1}] * 2  # the output layer, in both batches
     fast_e = lk.ekfac(model, data, likelihood, fisher="exact", separate_bias=True)
-    monkeypatch.setattr(lk.curvature.CurvatureFitter, "_closed_form_G", lambda self, f: set())
-    monkeypatch.setattr(lk.curvature.CurvatureFitter, "_output_layers", lambda self, f: set())
+    monkeypatch.setattr(FactorAccumulator, "_closed_form_G", lambda self, f: set())
+    monkeypatch.setattr(FactorAccumulator, "_output_layers", lambda self, f: set())
     slow = lk.kfac(model, data, likelihood, fisher="exact")
     for bf, bs in zip(fast.blocks, slow.blocks, strict=True):
         torch.testing.assert_close(bf.G, bs.G, rtol=1e-12, atol=1e-14)

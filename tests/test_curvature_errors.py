@@ -119,3 +119,139 @@ def test_conv1d_and_dataloader_and_progress():
     curv = lk.ekfac(model, loader, "classification", progress=True)
     assert curv.num_data == 10
     assert curv.to_dense().shape == (curv.n_params, curv.n_params)
+
+
+# --------------------------------------------------------------------------- options, state, batches
+def test_unknown_option_is_a_type_error_listing_the_valid_ones():
+    from laplace_kron.curvature import CurvatureOptions
+
+    with pytest.raises(
+        TypeError, match=r"unknown curvature option\(s\) 'fishr'.*fisher, mc_samples"
+    ):
+        CurvatureOptions.from_kwargs(fishr="mc")
+    with pytest.raises(TypeError, match="unknown curvature option.*'sampels'"):
+        lk.kfac(MLP(), _data(), "classification", sampels=3)
+    with pytest.raises(TypeError, match="unknown curvature option"):
+        lk.curvature.CurvatureFitter(MLP(), "classification", damping=1.0)
+    with pytest.raises(TypeError, match="options must be a CurvatureOptions"):
+        lk.curvature.CurvatureFitter(MLP(), "classification", "exact")
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+        CurvatureOptions(generator=0)
+    opts = CurvatureOptions(fisher="exact", separate_bias=True)
+    with pytest.raises(ValueError, match="mc_samples must be a positive integer"):
+        opts.replace(mc_samples=0)
+    assert opts.replace(fisher="mc").fisher == "mc" and opts.fisher == "exact"
+    with pytest.raises(AttributeError):
+        opts.fisher = "mc"  # frozen
+
+
+def test_fitter_with_options_object_equals_keywords_and_fit_dispatches():
+    from laplace_kron.curvature import CurvatureFitter, CurvatureOptions
+
+    torch.manual_seed(0)
+    model = MLP().eval()
+    data = _data(n=8)
+    opts = CurvatureOptions(fisher="mc", mc_samples=3, separate_bias=True)
+    a = CurvatureFitter(model, "classification", opts).fit("ekfac", data)
+    b = CurvatureFitter(model, "classification", fisher="mc", mc_samples=3, separate_bias=True)
+    torch.testing.assert_close(a.to_dense(), b.fit_ekfac(data).to_dense(), rtol=0, atol=0)
+    # keywords given with an options object override it
+    c = CurvatureFitter(model, "classification", opts, separate_bias=False)
+    assert c.options.separate_bias is False and c.options.mc_samples == 3
+    assert [s.name for s in c.specs] == ["0", "2", "4"] and c.param_names[0] == "0.weight"
+    with pytest.raises(ValueError, match="kind must be one of"):
+        c.fit("diag", data)
+
+
+def test_fit_state_round_trips_and_refuses_malformed_dicts():
+    from laplace_kron.curvature import CurvatureFitter
+
+    torch.manual_seed(0)
+    model = MLP().eval()
+    f1 = CurvatureFitter(model, "classification", fisher="exact")
+    curv = f1.fit_kfac(_data(n=8))
+    sd = f1.state.state_dict()
+    f2 = CurvatureFitter(model, "classification", fisher="exact")
+    f2.state.load_state_dict(sd)
+    torch.testing.assert_close(f2.curvature(f2.blocks(), "kfac").to_dense(), curv.to_dense())
+    assert (f2.num_data, f2.loss, f2.n_outputs) == (curv.num_data, curv.loss, curv.n_outputs)
+    for bad, match in [
+        (dict(sd, A_sum=sd["A_sum"][:2]), "A_sum must be a list of 3"),
+        (dict(sd, G_sum=[torch.ones(2, 2)] * 3), "shape"),
+        (dict(sd, num_data=1.5), "num_data"),
+        ({k: v for k, v in sd.items() if k != "loss"}, "KeyError"),
+        ({**sd, "pass": 3}, "unknown pass"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            f2.state.load_state_dict(bad)
+        assert f2.num_data == 0 and f2.A_sum == [None] * 3  # reset after a refusal
+
+
+@pytest.mark.parametrize(
+    "layer", [nn.Dropout2d(0.1), nn.AlphaDropout(0.1), nn.BatchNorm1d(5), nn.SyncBatchNorm(5)]
+)
+def test_every_train_mode_stochastic_layer_warns(layer):
+    from laplace_kron.curvature.batches import warn_if_train_mode
+
+    model = nn.Sequential(nn.Linear(4, 5), layer).train()
+    with pytest.warns(UserWarning, match=r"layers \(1\).*Call model.eval\(\) before fitting"):
+        warn_if_train_mode(model, "fitting")
+    with pytest.warns(UserWarning, match="predictions will be stochastic"):
+        warn_if_train_mode(model, "predicting")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_if_train_mode(model.eval(), "fitting")
+
+
+def test_checked_forward_and_predict_inputs():
+    from laplace_kron.curvature import batches
+
+    model = nn.Linear(3, 2)
+    with torch.no_grad():
+        model.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="batch 4: the network output contains NaN"):
+        batches.checked_forward(model, torch.ones(5, 3), i=4)
+    with pytest.raises(ValueError, match="output has shape \\(5, 2\\) but the inputs hold 4"):
+        batches.checked_forward(nn.Linear(3, 2), torch.ones(5, 3), num_data=4)
+    with pytest.raises(TypeError, match="must return a tensor, got tuple"):
+        batches.checked_forward(lambda x: (x, x), torch.ones(1, 3))
+    with pytest.raises(TypeError, match="mapping of tensors"):
+        batches.check_inputs([torch.ones(2)])
+    with pytest.raises(ValueError, match="inputs contain NaN or Inf"):
+        batches.check_inputs({"a": torch.tensor([float("inf")])})
+    x = {"a": torch.arange(6.0).reshape(3, 2), "n": 7}
+    assert batches.input_batch_size(x) == 3
+    assert batches.slice_inputs(x, 1, 2, 3)["a"].tolist() == [[2.0, 3.0]]
+    with pytest.raises(
+        ValueError, match="not an \\(inputs, targets\\)|\\(inputs, targets\\) pairs"
+    ):
+        list(batches.iter_batches([(1, 2, 3)]))
+
+
+@pytest.mark.parametrize("separate_bias", [False, True])
+def test_fit_diagonal_is_the_diagonal_of_per_example_gradients(separate_bias):
+    from laplace_kron.curvature import CurvatureOptions, fit_diagonal
+
+    torch.manual_seed(0)
+    model = MLP().eval()
+    x, y = make_data("classification", 7, 3)
+    opts = CurvatureOptions(fisher="empirical", separate_bias=separate_bias)
+    diag, n = fit_diagonal(
+        model, [(x[:4], y[:4]), (x[4:4], y[4:4]), (x[4:], y[4:])], "classification", opts
+    )
+    assert n == 7
+    ref = {k: torch.zeros_like(p) for k, p in model.named_parameters()}
+    for i in range(7):
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(
+            model(x[i : i + 1]), y[i : i + 1], reduction="sum"
+        ).backward()
+        for k, p in model.named_parameters():
+            ref[k] += p.grad**2
+    assert set(diag) == set(ref)
+    for k in ref:
+        torch.testing.assert_close(diag[k], ref[k])
+    with pytest.raises(ValueError, match="batch 0: inputs contain NaN"):
+        fit_diagonal(model, [(x * float("nan"), y)], "classification", opts)
+    with pytest.raises(ValueError, match="no data was seen"):
+        fit_diagonal(model, [], "classification", opts)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["per_example_sq"]
+__all__ = ["gram_lower_", "mirror_", "per_example_sq"]
 
 _EKFAC_CHUNK = 2**24
 
@@ -15,11 +15,11 @@ _EKFAC_CHUNK = 2**24
 _GRAM_SPLIT = 256
 
 
-def _gram_lower_(out: Tensor, X: Tensor, alpha: float, beta: float = 1.0) -> None:
+def gram_lower_(out: Tensor, X: Tensor, alpha: float, beta: float = 1.0) -> None:
     """``out <- beta out + alpha X^T X`` on the diagonal blocks and the block below them.
 
     For ``d < _GRAM_SPLIT`` the whole matrix is updated; otherwise the upper off-diagonal block
-    is left untouched and :func:`_mirror_` fills it.
+    is left untouched and :func:`mirror_` fills it.
     """
     d = X.shape[1]
     if d < _GRAM_SPLIT:
@@ -32,8 +32,8 @@ def _gram_lower_(out: Tensor, X: Tensor, alpha: float, beta: float = 1.0) -> Non
     out[h:, h:].addmm_(X1.T, X1, beta=beta, alpha=alpha)
 
 
-def _mirror_(M: Tensor) -> None:
-    """Copy the lower off-diagonal block of a :func:`_gram_lower_` result to the upper one."""
+def mirror_(M: Tensor) -> None:
+    """Copy the lower off-diagonal block of a :func:`gram_lower_` result to the upper one."""
     d = M.shape[0]
     if d >= _GRAM_SPLIT:
         h = d // 2

@@ -27,12 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-LIKELIHOODS = ("classification", "regression", "binary")
-FISHER_TYPES = ("exact", "mc", "empirical")
+from ..constants import FISHER_TYPES, LIKELIHOODS
 
 __all__ = [
-    "FISHER_TYPES",
-    "LIKELIHOODS",
     "check_likelihood",
     "prepare_targets",
     "nll_sum",

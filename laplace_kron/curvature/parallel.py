@@ -1,20 +1,56 @@
-"""Data-parallel reduction of a :class:`~laplace_kron.curvature.CurvatureFitter`'s accumulation.
+"""Data-parallel coordination of a curvature fit: whether it runs across ranks, rank-local phases
+that fail together, agreement on the resumed pass, and one shared EKFAC eigenbasis.
 
-Every accumulated quantity is a sum over data, so after a pass over its shard each rank
-all-reduces (sums) its factor sums, data count, loss and sse; EKFAC projects onto rank 0's
-eigenbases (broadcast) and all-reduces its eigenvalue sums. The collectives themselves are in
-:mod:`laplace_kron.distributed`. For a rank-local fit the reductions do nothing (``reduce_ekfac``
-still checks that the second pass saw as many data as the first).
+The sums themselves are all-reduced by :class:`~laplace_kron.curvature.state.FitState`
+(``all_reduce_kfac`` / ``all_reduce_ekfac``); the collectives are in
+:mod:`laplace_kron.distributed`.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 
 from .. import distributed as dist_utils
 from ..kron import KronBlock
 
-__all__ = ["check_same_pass", "reduce_kfac", "share_bases", "reduce_ekfac"]
+__all__ = ["check_same_pass", "resolve_distributed", "run_local", "share_bases"]
+
+T = TypeVar("T")
+
+
+def resolve_distributed(distributed: bool | None) -> bool:
+    """Whether a fit with option ``distributed`` all-reduces: ``False`` never, ``None`` when
+    ``torch.distributed`` is initialised with several ranks, ``True`` requires it initialised."""
+    if distributed is False:
+        return False
+    if distributed is True and not (
+        torch.distributed.is_available() and torch.distributed.is_initialized()
+    ):
+        raise ValueError(
+            "distributed=True but torch.distributed is not initialised: call "
+            "torch.distributed.init_process_group(...) first (e.g. launch with torchrun)"
+        )
+    return dist_utils.is_distributed()
+
+
+def run_local(fn: Callable[[], T], distributed: bool) -> T:
+    """Run a rank-local phase; if any rank fails, every rank raises (nobody hangs)."""
+    if not distributed:
+        return fn()
+    try:
+        out = fn()
+    except BaseException:
+        dist_utils.any_rank_failed(True)
+        raise
+    bad = dist_utils.any_rank_failed(False)
+    if bad >= 0:
+        raise RuntimeError(
+            f"the curvature fit failed on rank {bad} (see that rank's error); stopping here too"
+        )
+    return out
 
 
 def check_same_pass(pass_name: str) -> None:
@@ -29,30 +65,9 @@ def check_same_pass(pass_name: str) -> None:
         )
 
 
-def reduce_kfac(fitter) -> None:
-    """All-reduce ``A_sum``, ``G_sum``, ``N``, loss and sse (ranks without data add zeros)."""
-    if not fitter._dist:
-        return
-    for li, spec in enumerate(fitter.specs):
-        kw = {"dtype": fitter.dtype, "device": fitter.device}
-        if spec.has_weight and fitter.A_sum[li] is None:
-            d = spec.d_in + int(spec.joint)
-            fitter.A_sum[li] = torch.zeros(d, d, **kw)
-        if fitter.G_sum[li] is None:
-            fitter.G_sum[li] = torch.zeros(spec.d_out, spec.d_out, **kw)
-    n_out = torch.tensor([float(fitter.n_outputs)], dtype=torch.float64)
-    dist_utils.all_reduce_max_([n_out])
-    scalars = torch.tensor([fitter.num_data, fitter.loss, fitter.sse], dtype=torch.float64)
-    factors = [t for t in fitter.A_sum if t is not None] + list(fitter.G_sum)
-    dist_utils.all_reduce_sum_([*factors, scalars])
-    fitter.n_outputs = int(n_out.item())
-    fitter.num_data = int(round(scalars[0].item()))
-    fitter.loss, fitter.sse = scalars[1].item(), scalars[2].item()
-
-
-def share_bases(fitter, bases: list[list[KronBlock]]) -> None:
+def share_bases(bases: list[list[KronBlock]], distributed: bool) -> None:
     """Give every rank rank 0's eigenbases, so EKFAC projections use one basis everywhere."""
-    if not fitter._dist:
+    if not distributed:
         return
     tensors = []
     for layer in bases:
@@ -61,21 +76,3 @@ def share_bases(fitter, bases: list[list[KronBlock]]) -> None:
             if b.A is not None:
                 tensors += [b.eig_A.values, b.eig_A.vectors]
     dist_utils.broadcast_(tensors, src=0)
-
-
-def reduce_ekfac(fitter, bases: list[list[KronBlock]]) -> None:
-    """All-reduce ``E_sum`` and check the second pass saw the same ``N`` as the first."""
-    count = torch.tensor([float(fitter._pass_data)], dtype=torch.float64)
-    if fitter._dist:
-        for li, layer in enumerate(bases):
-            if fitter.E_sum[li] is None:
-                fitter.E_sum[li] = [
-                    torch.zeros(b.d_out, b.d_in, dtype=b.dtype, device=b.device) for b in layer
-                ]
-        dist_utils.all_reduce_sum_([e for es in fitter.E_sum for e in es] + [count])
-    n2 = int(round(count.item()))
-    if n2 != fitter.num_data:
-        raise ValueError(
-            f"the EKFAC second pass saw {n2} data points but the KFAC pass {fitter.num_data}; "
-            "data must be re-iterable and yield the same data twice (not a one-shot iterator)"
-        )

@@ -1,0 +1,243 @@
+"""KFAC and EKFAC curvature of a model's summed negative log-likelihood.
+
+For a layer with inputs ``a [B, T, d_in]`` and output-gradients ``g [K, B, T, d_out]``
+(``K`` output-gradient vectors, ``T`` shared positions), summed over the ``N`` data:
+
+* KFAC-expand (positions as extra data):
+  ``A = 1/(N T) sum_{n,t} a a^T``,  ``G = sum_{k,n,t} g g^T``;
+* KFAC-reduce (positions pooled):
+  ``A = 1/N sum_n abar abar^T`` with ``abar = mean_t a``,  ``G = sum_{k,n} gsum gsum^T`` with
+  ``gsum = sum_t g``.
+
+Without weight sharing (``T = 1``) both agree and, for a single datum with the exact Fisher, equal
+the exact GGN block. EKFAC keeps the KFAC eigenbasis ``Q_G (x) Q_A`` and replaces its eigenvalues
+by ``E[i, j] = sum_{k,n} (Q_G^T grad_{k,n} Q_A)[i, j]^2`` where ``grad_{k,n} = sum_t g a^T`` is the
+per-example, per-vector weight gradient (summed over positions before squaring); this is the
+Frobenius-closest matrix to ``sum grad grad^T`` that is diagonal in the KFAC eigenbasis.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from ..kron import KronBlock
+from .batches import forward_batch, is_empty
+from .capture import Capture, LayerSpec, Workspace, native_to_weight_order
+from .gram import gram_lower_, mirror_, per_example_sq
+from .likelihoods import (
+    iter_output_gradient_vectors,
+    loss_hessian_diag_in_basis,
+    loss_hessian_sum,
+    nll_sum,
+)
+from .options import CurvatureOptions
+from .state import FitState
+
+__all__ = ["FactorAccumulator", "input_order"]
+
+
+class FactorAccumulator:
+    """Adds batches to a :class:`~laplace_kron.curvature.state.FitState`: the KFAC factor sums
+    (first pass) and the EKFAC eigenvalue sums in given bases (second pass).
+
+    MC labels are drawn from ``state.generator``. Scratch buffers are reused across batches
+    (:class:`~laplace_kron.curvature.capture.Workspace`); :meth:`clear` frees them after a pass.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        specs: list[LayerSpec],
+        likelihood: str,
+        options: CurvatureOptions,
+        state: FitState,
+    ):
+        self.model, self.specs, self.likelihood = model, specs, likelihood
+        self.options, self.state = options, state
+        self._orders = [input_order(s, state.device) for s in specs]
+        self._work = Workspace()
+
+    def clear(self) -> None:
+        """Free the scratch buffers."""
+        self._work.clear()
+
+    # ------------------------------------------------------------------------- first pass
+    def add_kfac(self, x, y, i: int = 0) -> None:
+        """Add one batch to the KFAC factors (first pass); an empty batch adds nothing."""
+        if is_empty(y):
+            return
+        st = self.state
+        with Capture(self.specs) as cap:
+            fc, yc = forward_batch(self.model, x, y, self.likelihood, st.device, i)
+            with torch.no_grad():
+                for li, spec in enumerate(self.specs):
+                    if spec.has_weight:
+                        a = cap.layer_inputs(spec, native=True, workspace=self._work)
+                        self._add_A(li, a)
+            closed = self._closed_form_G(fc)
+            # One output-gradient vector at a time: G needs only sums over vectors.
+            for grads in self._output_gradients(cap, fc, yc):
+                with torch.no_grad():
+                    for li, g in enumerate(grads):
+                        if li not in closed:
+                            self._add_G(li, g)
+        with torch.no_grad():
+            nll, sse = nll_sum(fc, yc, self.likelihood)
+            st.loss += float(nll)
+            st.sse += float(sse)
+            st.n_outputs = fc.shape[1]
+            st.num_data += fc.shape[0]
+
+    def _output_gradients(self, cap: Capture, fc: Tensor, yc: Tensor) -> Iterator[list[Tensor]]:
+        """Per output-gradient vector, the layers' output-gradients ``[1, B, T, d_out]``; the
+        vectors are drawn in chunks (:func:`iter_output_gradient_vectors`)."""
+        o = self.options
+        chunks = iter_output_gradient_vectors(
+            fc, yc, self.likelihood, o.fisher, o.mc_samples, self.state.generator
+        )
+        vectors = next(chunks)
+        for following in chunks:
+            yield from cap.iter_output_gradients(fc, vectors, retain_graph=True)
+            vectors = following
+        yield from cap.iter_output_gradients(fc, vectors)
+
+    def _output_layers(self, f: Tensor) -> set[int]:
+        """Layers whose output *is* the network output ``f``, when the exact Fisher makes their
+        curvature the summed loss Hessian ``H_n`` (``diag(p_n) - p_n p_n^T`` for softmax
+        cross-entropy, ``I`` for the Gaussian): those get closed forms instead of ``C`` vectors."""
+        if self.options.fisher != "exact" or self.likelihood == "binary":
+            return set()
+        return {
+            li
+            for li, spec in enumerate(self.specs)
+            if len(spec.outputs) == 1 and spec.outputs[0] is f
+        }
+
+    def _closed_form_G(self, f: Tensor) -> set[int]:
+        """Add ``G = sum_n H_n`` of the :meth:`_output_layers` (:func:`loss_hessian_sum`,
+        ``O(B C^2)`` per batch instead of ``O(B C^3)`` from ``C`` vectors); returns them."""
+        done = self._output_layers(f)
+        G_sum = self.state.G_sum
+        with torch.no_grad():
+            for li in done:
+                H = loss_hessian_sum(f.detach(), self.likelihood)
+                G_sum[li] = H if G_sum[li] is None else G_sum[li].add_(H)
+        return done
+
+    def _add_A(self, li: int, a: Tensor) -> None:
+        """Add ``sum a a^T`` (``1/T`` times for KFAC-expand) of one batch, ``a [B, T, d_in]``.
+
+        ``a`` carries the ones column of a joint bias and its columns are in
+        :func:`native_patches` order: the product is formed in that order and permuted to weight
+        order afterwards (``d_in^2`` work instead of a copy of the ``B T x d_in`` patches).
+        Dense products accumulate their lower block triangle only (:func:`gram_lower_`);
+        :meth:`FitState.mirror` completes them.
+        """
+        A_sum = self.state.A_sum
+        T, d = a.shape[1], a.shape[2]
+        idx = self._orders[li]
+        if self.options.weight_sharing == "expand":
+            rows = a.reshape(-1, d) if T == 1 or a.is_contiguous() else None
+            scale = 1.0 / T
+        else:
+            rows, scale = a.mean(dim=1), 1.0
+        if A_sum[li] is None:
+            A_sum[li] = a.new_zeros(d, d)
+        if rows is None:
+            # Channel-first patches ([B, T, d] view of [B, d, T]): one batched product.
+            A_sum[li].add_(torch.bmm(a.mT, a).sum(0), alpha=scale)
+        elif idx is None:
+            gram_lower_(A_sum[li], rows, scale)
+        else:
+            S = self._work.get(("gram", li), (d, d), rows)
+            gram_lower_(S, rows, 1.0, beta=0.0)
+            mirror_(S)
+            A_sum[li].add_(S[idx][:, idx], alpha=scale)
+
+    def _add_G(self, li: int, g: Tensor) -> None:
+        """Add ``sum g g^T`` of one batch, ``g [K, B, T, d_out]`` (summed over positions first
+        for KFAC-reduce)."""
+        G_sum = self.state.G_sum
+        T, d = g.shape[2], g.shape[3]
+        if G_sum[li] is None:
+            G_sum[li] = g.new_zeros(d, d)
+        if self.options.weight_sharing == "reduce":
+            gram_lower_(G_sum[li], g.sum(dim=2).reshape(-1, d), 1.0)
+        elif T == 1 or g.is_contiguous():
+            gram_lower_(G_sum[li], g.reshape(-1, d), 1.0)
+        else:
+            # Convolution output-gradients are [B, T, C] views of channel-first tensors: a batched
+            # product over examples avoids the transposing copy a single [B T, C] GEMM needs.
+            g3 = g.flatten(0, 1)
+            G_sum[li].add_(torch.bmm(g3.mT, g3).sum(0))
+
+    # ------------------------------------------------------------------------- second pass
+    def add_ekfac(self, x, y, bases: list[list[KronBlock]], i: int = 0) -> None:
+        """Add one batch to the EKFAC eigenvalue corrections (second pass):
+        ``E += sum_{k,n} (Q_G^T (sum_t g a^T) Q_A)^2`` per block."""
+        if is_empty(y):
+            return
+        with Capture(self.specs) as cap:
+            fc, yc = forward_batch(self.model, x, y, self.likelihood, self.state.device, i)
+            with torch.no_grad():
+                rotated = []  # a Q_A per block, computed once for all output-gradient vectors
+                for li, spec in enumerate(self.specs):
+                    a = cap.layer_inputs(spec, native=True, workspace=self._work)
+                    rotated.append(
+                        [self._rotate_inputs(li, j, a, b) for j, b in enumerate(bases[li])]
+                    )
+            corr: list[list[Tensor]] = [[0.0] * len(layer) for layer in bases]
+            closed = self._output_layers(fc)
+            with torch.no_grad():
+                for li in closed:  # one position per datum: E = sum_n diag(Q^T H_n Q) (x) r_n^2
+                    for j, b in enumerate(bases[li]):
+                        u = loss_hessian_diag_in_basis(
+                            fc.detach(), self.likelihood, b.eig_G.vectors
+                        )
+                        corr[li][j] = u.T @ rotated[li][j][:, 0].square()
+            for grads in self._output_gradients(cap, fc, yc):
+                with torch.no_grad():
+                    for li, g in enumerate(grads):
+                        if li in closed:
+                            continue
+                        for j, b in enumerate(bases[li]):
+                            sq = per_example_sq(rotated[li][j], g @ b.eig_G.vectors)
+                            corr[li][j] = corr[li][j] + sq
+        E_sum = self.state.E_sum
+        for li in range(len(self.specs)):
+            if E_sum[li] is None:
+                E_sum[li] = corr[li]
+            else:
+                E_sum[li] = [e + c for e, c in zip(E_sum[li], corr[li], strict=True)]
+
+    def _rotate_inputs(self, li: int, j: int, a: Tensor, block: KronBlock) -> Tensor:
+        """``a Q_A`` for native-order inputs ``a [B, T, d]``: the eigenbasis rows are permuted to
+        the native column order instead of the inputs to the weight order."""
+        B, T, d = a.shape
+        if block.A is None:  # a bias-only block sees the constant input 1 at every position
+            return a.new_ones(B, T, 1)
+        Q = block.eig_A.vectors
+        idx = self._orders[li]
+        if idx is not None:
+            Qn = torch.empty_like(Q)
+            Qn[idx] = Q
+            Q = Qn
+        if not a.is_contiguous():  # channel-first patches of a narrow convolution
+            return a @ Q
+        out = self._work.get(("rotated", li, j), (B, T, Q.shape[1]), a)
+        torch.mm(a.reshape(B * T, d), Q, out=out.view(B * T, -1))
+        return out
+
+
+def input_order(spec: LayerSpec, device: torch.device) -> Tensor | None:
+    """Native-to-weight column order of a layer's inputs, with the ones column of a joint bias
+    (always last) appended; ``None`` when the orders coincide."""
+    idx = native_to_weight_order(spec.module)
+    if idx is None:
+        return None
+    if spec.joint:
+        idx = torch.cat([idx, idx.new_tensor([idx.numel()])])
+    return idx.to(device)

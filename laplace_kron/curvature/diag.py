@@ -1,0 +1,86 @@
+"""The diagonal GGN / Fisher of the summed negative log-likelihood (EWC's curvature).
+
+    diag H = sum_{n,k} (d (s_k . f(x_n)) / d theta)^2
+
+with ``s_k`` the output-gradient vectors of
+:func:`~laplace_kron.curvature.likelihoods.output_gradient_vectors` (the exact diagonal for
+``fisher="exact"``, its MC / empirical estimate otherwise). The per-example gradient of a layer's
+weight is ``sum_t g_t a_t^T`` (``t``: shared positions), built from the same captured inputs ``a``
+and output-gradients ``g`` as KFAC and squared before summing over data; a separate bias gets
+``(sum_t g_t)^2``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+
+from .batches import forward_batch, is_empty, iter_batches, warn_if_train_mode
+from .capture import Capture, select_layers
+from .gram import per_example_sq
+from .likelihoods import check_likelihood, output_gradient_vectors
+from .options import CurvatureOptions
+
+__all__ = ["DIAG_CHUNK", "fit_diagonal"]
+
+# Per-example gradients for the diagonal are built in chunks of at most this many entries.
+DIAG_CHUNK = 2**23
+
+
+def fit_diagonal(
+    model: nn.Module,
+    data: Iterable,
+    likelihood: str,
+    options: CurvatureOptions | None = None,
+    progress: bool = False,
+) -> tuple[dict[str, Tensor], int]:
+    """Diagonal curvature of ``model`` over ``data`` (``(inputs, targets)`` batches).
+
+    Uses ``options.fisher``, ``mc_samples``, ``separate_bias``, ``modules`` and ``generator`` (MC
+    labels; ``None`` draws from torch's global stream). Returns ``(diag, N)``: covered parameter
+    name -> diagonal shaped like the parameter, and the number of data points.
+    """
+    check_likelihood(likelihood)
+    options = CurvatureOptions() if options is None else options
+    warn_if_train_mode(model, "fitting", stacklevel=2)
+    specs = select_layers(model, options.modules, options.separate_bias)
+    named = dict(model.named_parameters())
+    covered = {n for s in specs for n in (s.weight_name, s.bias_name) if n}
+    device = next(p for n, p in named.items() if n in covered).device
+    sums: list[Tensor | None] = [None] * len(specs)
+    bias_sums: list[Tensor | None] = [None] * len(specs)
+    num = 0
+    for i, x, y in iter_batches(data, progress, "DIAG"):
+        if is_empty(y):
+            continue
+        with Capture(specs) as cap:
+            fc, yc = forward_batch(model, x, y, likelihood, device, i)
+            S = output_gradient_vectors(
+                fc, yc, likelihood, options.fisher, options.mc_samples, options.generator
+            )
+            grads = cap.output_gradients(fc, S)
+            inputs = [cap.layer_inputs(spec) for spec in specs]
+        with torch.no_grad():
+            for li, (spec, a, g) in enumerate(zip(specs, inputs, grads)):
+                if spec.has_weight:
+                    sq = per_example_sq(a, g, DIAG_CHUNK)
+                    sums[li] = sq if sums[li] is None else sums[li] + sq
+                if spec.has_bias and not spec.joint:
+                    sq = (g.sum(dim=2) ** 2).sum(dim=(0, 1))
+                    bias_sums[li] = sq if bias_sums[li] is None else bias_sums[li] + sq
+        num += fc.shape[0]
+    if num == 0:
+        raise ValueError("no data was seen: the data iterable is empty")
+    diag: dict[str, Tensor] = {}
+    for spec, sq, bsq in zip(specs, sums, bias_sums):
+        if spec.joint:
+            diag[spec.weight_name] = sq[:, :-1].reshape(named[spec.weight_name].shape)
+            diag[spec.bias_name] = sq[:, -1].reshape(named[spec.bias_name].shape)
+            continue
+        if spec.has_weight:
+            diag[spec.weight_name] = sq.reshape(named[spec.weight_name].shape)
+        if spec.has_bias:
+            diag[spec.bias_name] = bsq.reshape(named[spec.bias_name].shape)
+    return diag, num

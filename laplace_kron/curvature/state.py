@@ -1,0 +1,289 @@
+"""The state of a curvature fit, as one object: what the passes accumulate, where they stand, how
+it is saved and restored (checkpoints), summed across data-parallel ranks and turned into blocks.
+
+Every accumulated quantity is a sum over data, so the state of the union of disjoint shards is the
+sum of the shards' states:
+
+    A_sum = sum_n a_n a_n^T (1/T per position for KFAC-expand),   G_sum = sum_{k,n} g g^T,
+    E_sum = sum_{k,n} (Q_G^T grad Q_A)^2,   num_data = N,   loss = sum_n nll_n,   sse,
+
+and the KFAC factors are ``A = A_sum / N`` and ``G = G_sum``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import distributed as dist_utils
+from ..io import reading
+from ..kron import KronBlock, KronCurvature
+from .batches import fingerprint
+from .capture import LayerSpec
+from .gram import mirror_
+
+__all__ = ["FitState", "PASSES"]
+
+# The passes of a fit, in order (an EKFAC fit runs both).
+PASSES = ("kfac", "ekfac")
+
+
+class FitState:
+    """Accumulated factor sums, counts, random-stream state and pass position of one fit.
+
+    Attributes:
+        A_sum, G_sum: per covered layer, ``[d_in (+1), d_in (+1)]`` and ``[d_out, d_out]`` sums
+            (``None`` until the layer saw data; ``A_sum`` stays ``None`` for a bias-only layer).
+            Wide factors hold only their lower block triangle until :meth:`mirror`.
+        E_sum: per layer, one ``[d_out, d_in]`` EKFAC eigenvalue sum per block (second pass).
+        num_data, loss, sse, n_outputs: data count, summed NLL, summed squared residuals
+            (regression, ``sigma = 1``) and the number of outputs ``C``.
+        pass_name, next_batch, pass_data: the pass under way, the index of its next batch and the
+            data points it has consumed (what a checkpoint resumes from).
+        generator: the random stream of the MC Fisher (this rank's, when distributed).
+        distributed: whether the fit all-reduces across ranks.
+    """
+
+    def __init__(
+        self,
+        specs: Sequence[LayerSpec],
+        dtype: torch.dtype,
+        device: torch.device,
+        generator: torch.Generator | None = None,
+        distributed: bool = False,
+    ):
+        self.specs = list(specs)
+        self.dtype, self.device = dtype, device
+        self.generator = generator
+        self.distributed = distributed
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything accumulated (the random stream is kept)."""
+        n = len(self.specs)
+        self.A_sum: list[Tensor | None] = [None] * n
+        self.G_sum: list[Tensor | None] = [None] * n
+        self.E_sum: list[list[Tensor] | None] = [None] * n
+        self.num_data = 0
+        self.loss = 0.0
+        self.sse = 0.0
+        self.n_outputs = 0
+        self.pass_name = "kfac"
+        self.next_batch = 0
+        self.pass_data = 0
+        self.last_batch: tuple[Any, Any] | None = None
+        self.resume_fingerprint: list[float] | None = None
+
+    # ------------------------------------------------------------------------- bookkeeping
+    def start_pass(self, pass_name: str) -> None:
+        """Begin ``pass_name`` at its first batch."""
+        self.pass_name, self.next_batch = pass_name, 0
+        self.pass_data, self.last_batch = 0, None
+
+    def record_batch(self, x: Any, y: Any, n: int, index: int) -> None:
+        """Batch ``index`` with ``n`` data points was accumulated (kept by reference for the
+        resume fingerprint)."""
+        self.pass_data += n
+        self.last_batch = (x, y)
+        self.next_batch = index + 1
+
+    def mirror(self) -> None:
+        """Complete the factor sums from their accumulated lower block triangles (idempotent)."""
+        for t in self.A_sum + self.G_sum:
+            if t is not None:
+                mirror_(t)
+
+    # ------------------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors and plain data of everything needed to resume the fit exactly."""
+        self.mirror()
+        return {
+            "pass": self.pass_name,
+            "next_batch": self.next_batch,
+            "pass_data": self.pass_data,
+            "fingerprint": None if self.last_batch is None else fingerprint(*self.last_batch),
+            "A_sum": list(self.A_sum),
+            "G_sum": list(self.G_sum),
+            "E_sum": [None if e is None else list(e) for e in self.E_sum],
+            "num_data": self.num_data,
+            "loss": self.loss,
+            "sse": self.sse,
+            "n_outputs": self.n_outputs,
+            "generator_state": None if self.generator is None else self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any], device: torch.device | None = None) -> None:
+        """Restore a :meth:`state_dict` (tensors moved to ``device``, default this state's).
+
+        Anything malformed (missing keys, wrong types, lists of the wrong length, factor sums of
+        the wrong shape) is a ``ValueError``; the state is then reset.
+        """
+        dev = self.device if device is None else device
+        try:
+            with reading("the fit state"):
+                self._load(state, dev)
+        except ValueError:
+            self.reset()
+            raise
+
+    def _load(self, state: Mapping[str, Any], dev: torch.device) -> None:
+        n = len(self.specs)
+        if state["pass"] not in PASSES:
+            raise ValueError(f"unknown pass {state['pass']!r}")
+        for key in ("A_sum", "G_sum", "E_sum"):
+            if not isinstance(state[key], (list, tuple)) or len(state[key]) != n:
+                raise ValueError(f"{key} must be a list of {n} entries (one per covered layer)")
+        A = [
+            _tensor(t, dev, "A_sum", (s.d_in + int(s.joint),) * 2)
+            for t, s in zip(state["A_sum"], self.specs)
+        ]
+        G = [
+            _tensor(t, dev, "G_sum", (s.d_out, s.d_out)) for t, s in zip(state["G_sum"], self.specs)
+        ]
+        E = [None if e is None else [_tensor(t, dev, "E_sum") for t in e] for e in state["E_sum"]]
+        fp = state["fingerprint"]
+        if fp is not None and not all(isinstance(v, float) for v in fp):
+            raise ValueError("the batch fingerprint must be a list of floats")
+        counts = {
+            k: _count(state[k], k) for k in ("next_batch", "pass_data", "num_data", "n_outputs")
+        }
+        loss, sse = float(state["loss"]), float(state["sse"])
+        gen_state = state["generator_state"]
+        if self.generator is not None:
+            if not isinstance(gen_state, Tensor):
+                raise ValueError("no generator state")
+            self.generator.set_state(gen_state)
+        self.pass_name, self.next_batch = state["pass"], counts["next_batch"]
+        self.pass_data, self.num_data = counts["pass_data"], counts["num_data"]
+        self.A_sum, self.G_sum, self.E_sum = A, G, E
+        self.loss, self.sse, self.n_outputs = loss, sse, counts["n_outputs"]
+        self.last_batch, self.resume_fingerprint = None, fp
+
+    # ------------------------------------------------------------------------- data parallel
+    def all_reduce_kfac(self) -> None:
+        """Sum ``A_sum``, ``G_sum``, ``N``, loss and sse over ranks (ranks without data add zeros;
+        ``n_outputs`` is the maximum); nothing for a rank-local fit."""
+        if not self.distributed:
+            return
+        kw = {"dtype": self.dtype, "device": self.device}
+        for li, spec in enumerate(self.specs):
+            if spec.has_weight and self.A_sum[li] is None:
+                d = spec.d_in + int(spec.joint)
+                self.A_sum[li] = torch.zeros(d, d, **kw)
+            if self.G_sum[li] is None:
+                self.G_sum[li] = torch.zeros(spec.d_out, spec.d_out, **kw)
+        n_out = torch.tensor([float(self.n_outputs)], dtype=torch.float64)
+        dist_utils.all_reduce_max_([n_out])
+        scalars = torch.tensor([self.num_data, self.loss, self.sse], dtype=torch.float64)
+        factors = [t for t in self.A_sum if t is not None] + list(self.G_sum)
+        dist_utils.all_reduce_sum_([*factors, scalars])
+        self.n_outputs = int(n_out.item())
+        self.num_data = int(round(scalars[0].item()))
+        self.loss, self.sse = scalars[1].item(), scalars[2].item()
+
+    def all_reduce_ekfac(self, bases: list[list[KronBlock]]) -> None:
+        """Sum ``E_sum`` over ranks and check the second pass saw the same ``N`` as the first."""
+        count = torch.tensor([float(self.pass_data)], dtype=torch.float64)
+        if self.distributed:
+            for li, layer in enumerate(bases):
+                if self.E_sum[li] is None:
+                    self.E_sum[li] = [
+                        torch.zeros(b.d_out, b.d_in, dtype=b.dtype, device=b.device) for b in layer
+                    ]
+            dist_utils.all_reduce_sum_([e for es in self.E_sum for e in es] + [count])
+        n2 = int(round(count.item()))
+        if n2 != self.num_data:
+            raise ValueError(
+                f"the EKFAC second pass saw {n2} data points but the KFAC pass {self.num_data}; "
+                "data must be re-iterable and yield the same data twice (not a one-shot iterator)"
+            )
+
+    # ------------------------------------------------------------------------- results
+    def kfac_blocks(self, shapes: Mapping[str, torch.Size]) -> list[list[KronBlock]]:
+        """KFAC blocks per layer, ``G = G_sum``, ``A = A_sum / N`` (two blocks when weight and
+        bias are separate); ``shapes``: parameter name -> shape."""
+        self.mirror()
+        if self.num_data == 0:
+            raise ValueError(
+                "no data was seen: the data iterable is empty (or yields only empty batches)"
+            )
+        out = []
+        for li, spec in enumerate(self.specs):
+            G = self.G_sum[li]
+            A = None if self.A_sum[li] is None else self.A_sum[li] / self.num_data
+            for name, fac in (("G", G), ("A", A)):
+                if fac is not None and not torch.isfinite(fac).all():
+                    raise ValueError(
+                        f"layer {spec.name!r}: KFAC factor {name} contains NaN or Inf (overflow in "
+                        "the activations or gradients); check the inputs' scale"
+                    )
+            if spec.joint:
+                names = [spec.weight_name, spec.bias_name]
+                out.append([KronBlock(G, A, names, [shapes[n] for n in names], True)])
+                continue
+            layer = []
+            if spec.has_weight:
+                w = spec.weight_name
+                layer.append(KronBlock(G, A, [w], [shapes[w]]))
+            if spec.has_bias:
+                # The bias input is the constant 1, so its A factor is 1 (expand and reduce).
+                b = spec.bias_name
+                layer.append(KronBlock(G, None, [b], [shapes[b]]))
+            out.append(layer)
+        return out
+
+    def ekfac_blocks(self, bases: list[list[KronBlock]]) -> list[list[KronBlock]]:
+        """The KFAC ``bases`` with their eigenvalues replaced by ``E_sum``."""
+        out = []
+        for li, layer in enumerate(bases):
+            E = self.E_sum[li]
+            if E is None:
+                raise ValueError("EKFAC second pass saw no data: the data iterable is exhausted")
+            for b, e in zip(layer, E, strict=True):
+                if not torch.isfinite(e).all():
+                    raise ValueError(
+                        f"block {b.param_names}: EKFAC eigenvalues contain NaN or Inf (overflow in "
+                        "the activations or gradients); check the inputs' scale"
+                    )
+            out.append([b.with_eigenvalues(e) for b, e in zip(layer, E, strict=True)])
+        return out
+
+    def curvature(
+        self,
+        blocks: list[list[KronBlock]],
+        kind: str,
+        param_names: list[str],
+        likelihood: str,
+        fisher: str,
+    ) -> KronCurvature:
+        """The fitted :class:`~laplace_kron.kron.KronCurvature` of ``blocks`` (per layer)."""
+        return KronCurvature(
+            [b for layer in blocks for b in layer],
+            param_names,
+            self.num_data,
+            likelihood=likelihood,
+            fisher=fisher,
+            loss=self.loss,
+            sse=self.sse,
+            n_outputs=self.n_outputs,
+            kind=kind,
+        )
+
+
+def _tensor(t: object, device: torch.device, key: str, shape: tuple[int, ...] | None = None):
+    if t is None:
+        return None
+    if not isinstance(t, Tensor) or not t.is_floating_point():
+        raise ValueError(f"{key} holds a {type(t).__name__}, not a floating-point tensor")
+    if shape is not None and tuple(t.shape) != shape:
+        raise ValueError(f"{key} holds a tensor of shape {tuple(t.shape)}, expected {shape}")
+    return t.to(device)
+
+
+def _count(v: object, key: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ValueError(f"{key} must be a non-negative integer, got {v!r}")
+    return v
