@@ -27,14 +27,12 @@ import torch
 from torch import Tensor, nn
 
 from . import io
-from .constants import FILE_FORMATS, ONLINE_CURVATURES, ONLINE_FORMAT, WEIGHT_SHARING
+from .constants import FILE_FORMATS, ONLINE_FORMAT
 from .curvature import ekfac, kfac
 from .curvature.capture import Capture, select_layers
 from .curvature.gram import per_example_sq
 from .curvature.kfac import _check_model_mode
 from .curvature.likelihoods import (
-    check_fisher,
-    check_likelihood,
     output_gradient_vectors,
     prepare_targets,
 )
@@ -44,7 +42,9 @@ from .online_state import (
     check_decay,
     check_max_terms,
     check_number,
+    check_options,
     check_shapes,
+    module_names,
     read_state,
     saved_options,
 )
@@ -55,6 +55,10 @@ __all__ = ["OnlineLaplace"]
 _DIAG_CHUNK = 2**23
 # How error messages name an in-memory state (a file is named by its path).
 _STATE_NAME = "OnlineLaplace state"
+# Options that load_state_dict restores from a state (the rest must match or come from the model).
+_RESTORED = frozenset(
+    ("fisher", "mc_samples", "strength", "decay", "max_terms", "prior_precision", "weight_sharing")
+)
 
 
 class OnlineLaplace:
@@ -125,14 +129,7 @@ class OnlineLaplace:
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        check_likelihood(likelihood)
-        check_fisher(fisher, mc_samples)
-        if curvature not in ONLINE_CURVATURES:
-            raise ValueError(f"curvature must be one of {ONLINE_CURVATURES}, got {curvature!r}")
-        if weight_sharing not in WEIGHT_SHARING:
-            raise ValueError(
-                f"weight_sharing must be one of {WEIGHT_SHARING}, got {weight_sharing!r}"
-            )
+        check_options(likelihood, curvature, fisher, mc_samples, weight_sharing)
         self.model = model
         self.likelihood = likelihood
         self.curvature_type = curvature
@@ -399,14 +396,10 @@ class OnlineLaplace:
     def state_dict(self) -> dict:
         """Plain tensors, numbers, strings and lists (``torch.load(..., weights_only=True)``).
 
-        Holds the options (``modules`` as names), the anchor, the per-block terms (EKFAC with their
-        eigenbases: eigenvectors of repeated eigenvalues are not unique) or the diagonal, and the
-        MC generator state, so a resumed run continues bit for bit.
+        A snapshot (copies) of the options (``modules`` as names), the anchor, the per-block terms
+        (EKFAC with their eigenbases: eigenvectors of repeated eigenvalues are not unique) or the
+        diagonal, and the MC generator state, so a resumed run continues bit for bit.
         """
-        modules = self.modules
-        if modules is not None and not isinstance(modules, str):
-            by_id = {id(m): n for n, m in self.model.named_modules()}
-            modules = [m if isinstance(m, str) else by_id[id(m)] for m in modules]
         return {
             "format": ONLINE_FORMAT,
             "version": FILE_FORMATS[ONLINE_FORMAT],
@@ -420,14 +413,14 @@ class OnlineLaplace:
             "prior_precision": self.prior_precision,
             "separate_bias": self.separate_bias,
             "weight_sharing": self.weight_sharing,
-            "modules": modules,
+            "modules": module_names(self.model, self.modules),
             "num_tasks": self.num_tasks,
             "task_sizes": list(self.task_sizes),
             "param_names": list(self.param_names),
             "param_shapes": [list(s) for s in self.param_shapes],
-            "anchor": dict(self.anchor),
+            "anchor": {n: t.clone() for n, t in self.anchor.items()},
             "blocks": [bs.state_dict() for bs in self._blocks],
-            "diag": dict(self._diag.values),
+            "diag": {n: t.clone() for n, t in self._diag.values.items()},
             "generator_state": None if self.generator is None else self.generator.get_state(),
         }
 
@@ -450,7 +443,7 @@ class OnlineLaplace:
         """Read a file written by :meth:`save` onto ``model`` (``torch.load(weights_only=True)``).
 
         The object is constructed with the likelihood and options saved in the file; keyword
-        arguments of the constructor (e.g. ``generator=``, ``modules=``) override them. Raises
+        arguments of the constructor (e.g. ``strength=``, ``generator=``) override them. Raises
         ``FileNotFoundError`` for a missing file and ``ValueError`` naming the file for a
         corrupted, truncated, poisoned (NaN / Inf) or foreign file or one that does not fit
         ``model``.
@@ -465,6 +458,8 @@ class OnlineLaplace:
         except (ValueError, TypeError) as e:
             raise ValueError(f"{name!r} holds options this OnlineLaplace refuses: {e}") from e
         ol._load(state, name)
+        for key in kwargs.keys() & _RESTORED:  # the caller's choice wins over the saved one
+            setattr(ol, key, kwargs[key])
         return ol
 
     def _load(self, state: Mapping, name: str) -> None:

@@ -111,20 +111,24 @@ class BlockSum:
 
     # ------------------------------------------------------------------------- state
     def state_dict(self) -> dict:
-        """Plain tensors, numbers, strings and lists (loadable with ``weights_only=True``)."""
+        """Copies of the terms as plain tensors, numbers, strings and lists (``weights_only``)."""
+
+        def copies(fn: Callable[[Term], Tensor | None]) -> list[Tensor | None]:
+            return [None if fn(t) is None else fn(t).clone() for t in self.terms]
+
         entry: dict = {
             "param_names": list(self.param_names),
             "bias_joint": self.bias_joint,
             "coefs": [t.coef for t in self.terms],
-            "G": [t.block.G for t in self.terms],
-            "A": [t.block.A for t in self.terms],
+            "G": copies(lambda t: t.block.G),
+            "A": copies(lambda t: t.block.A),
         }
         if self.ekfac:
-            entry["eigenvalues"] = [t.block.eigenvalues for t in self.terms]
-            entry["eig_G_values"] = [t.block.eig_G.values for t in self.terms]
-            entry["eig_G_vectors"] = [t.block.eig_G.vectors for t in self.terms]
-            entry["eig_A_values"] = [t.block.eig_A.values for t in self.terms]
-            entry["eig_A_vectors"] = [t.block.eig_A.vectors for t in self.terms]
+            entry["eigenvalues"] = copies(lambda t: t.block.eigenvalues)
+            entry["eig_G_values"] = copies(lambda t: t.block.eig_G.values)
+            entry["eig_G_vectors"] = copies(lambda t: t.block.eig_G.vectors)
+            entry["eig_A_values"] = copies(lambda t: t.block.eig_A.values)
+            entry["eig_A_vectors"] = copies(lambda t: t.block.eig_A.vectors)
         return entry
 
     @classmethod
@@ -136,7 +140,7 @@ class BlockSum:
         cast: Callable[[Tensor | None], Tensor | None],
     ) -> BlockSum:
         """Rebuild a :meth:`state_dict` entry; ``shapes``: the model's parameter shapes by name,
-        ``cast``: moves a tensor to the model's device and dtype.
+        ``cast``: copies a tensor to the model's device and dtype.
 
         Raises ``ValueError`` naming the block for wrong types, list lengths or factor shapes; a
         missing key raises ``KeyError`` (callers parse inside :func:`laplace_kron.io.reading`).

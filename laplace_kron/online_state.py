@@ -15,11 +15,11 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from . import io
-from .constants import FILE_FORMATS, ONLINE_FORMAT, WEIGHT_SHARING
-from .curvature.likelihoods import check_fisher
+from .constants import FILE_FORMATS, ONLINE_CURVATURES, ONLINE_FORMAT, WEIGHT_SHARING
+from .curvature.likelihoods import check_fisher, check_likelihood
 from .online_precision import BlockSum
 
 if TYPE_CHECKING:
@@ -29,7 +29,9 @@ __all__ = [
     "check_decay",
     "check_max_terms",
     "check_number",
+    "check_options",
     "check_shapes",
+    "module_names",
     "read_state",
     "saved_options",
 ]
@@ -47,6 +49,26 @@ def check_number(name: str, value: object, low: float, high: float = math.inf) -
     if not low <= value <= high:
         raise ValueError(f"{name} must lie in [{low}, {high}], got {value!r}")
     return float(value)
+
+
+def check_options(
+    likelihood: str, curvature: str, fisher: str, mc_samples: int, weight_sharing: str
+) -> None:
+    """The option names of an OnlineLaplace (see :mod:`laplace_kron.constants`)."""
+    check_likelihood(likelihood)
+    check_fisher(fisher, mc_samples)
+    if curvature not in ONLINE_CURVATURES:
+        raise ValueError(f"curvature must be one of {ONLINE_CURVATURES}, got {curvature!r}")
+    if weight_sharing not in WEIGHT_SHARING:
+        raise ValueError(f"weight_sharing must be one of {WEIGHT_SHARING}, got {weight_sharing!r}")
+
+
+def module_names(model: nn.Module, modules: None | str | Sequence) -> None | str | list[str]:
+    """``modules=`` with module objects replaced by their names in ``model`` (for a file)."""
+    if modules is None or isinstance(modules, str):
+        return modules
+    by_id = {id(m): n for n, m in model.named_modules()}
+    return [m if isinstance(m, str) else by_id[id(m)] for m in modules]
 
 
 def check_decay(value: object) -> float:
@@ -144,7 +166,10 @@ def _parse(state: Mapping, ol: OnlineLaplace) -> dict:
     check_shapes(names, shapes, named, "the model", "the state's")
     if state.get("separate_bias", ol.separate_bias) != ol.separate_bias:
         raise ValueError(f"the state has separate_bias={state['separate_bias']!r}")
-    check_fisher(state["fisher"], state["mc_samples"])
+    weight_sharing = state.get("weight_sharing", ol.weight_sharing)
+    check_options(
+        ol.likelihood, ol.curvature_type, state["fisher"], state["mc_samples"], weight_sharing
+    )
     new = {
         "fisher": state["fisher"],
         "mc_samples": state["mc_samples"],
@@ -152,12 +177,10 @@ def _parse(state: Mapping, ol: OnlineLaplace) -> dict:
         "decay": check_decay(state["decay"]),
         "max_terms": check_max_terms(state["max_terms"]),
         "prior_precision": check_number("prior_precision", state["prior_precision"], 0.0),
-        "weight_sharing": state.get("weight_sharing", ol.weight_sharing),
+        "weight_sharing": weight_sharing,
         "num_tasks": _check_int("num_tasks", state["num_tasks"], 0),
         "task_sizes": state["task_sizes"],
     }
-    if new["weight_sharing"] not in WEIGHT_SHARING:
-        raise ValueError(f"weight_sharing must be one of {WEIGHT_SHARING}")
     tasks = new["num_tasks"]
     if not isinstance(new["task_sizes"], list) or len(new["task_sizes"]) != tasks:
         raise ValueError(f"task_sizes must be a list of num_tasks={tasks} integers")
@@ -166,7 +189,7 @@ def _parse(state: Mapping, ol: OnlineLaplace) -> dict:
     ref = named[names[0]]
 
     def cast(t: Tensor | None) -> Tensor | None:
-        return None if t is None else t.to(device=ref.device, dtype=ref.dtype)
+        return None if t is None else t.to(device=ref.device, dtype=ref.dtype, copy=True)
 
     diag = ol.curvature_type == "diag"
     new["anchor"] = _tensors(state["anchor"], names if tasks else [], named, "anchor", cast)
