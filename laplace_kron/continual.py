@@ -20,111 +20,37 @@ over a task of ``N`` points should add ``penalty(model) / N``.
 
 from __future__ import annotations
 
-import math
-import numbers
+import os
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from .curvature import ekfac, kfac
+from . import io
+from .constants import FILE_FORMATS, ONLINE_FORMAT
+from .curvature import CurvatureFitter, CurvatureOptions, fit_diagonal
 from .curvature.capture import select_layers
-from .curvature.diag import fit_diagonal
-from .curvature.likelihoods import (
-    check_fisher,
-    check_likelihood,
+from .kron import KronCurvature
+from .online_precision import BlockSum, DiagSum
+from .online_state import (
+    check_decay,
+    check_max_terms,
+    check_number,
+    check_options,
+    check_shapes,
+    module_names,
+    read_state,
+    saved_options,
 )
-from .curvature.options import CurvatureOptions
-from .kron import Eigen, KronBlock, KronCurvature
 
-__all__ = ["OnlineLaplace", "CURVATURES"]
+__all__ = ["OnlineLaplace"]
 
-CURVATURES = ("kfac", "ekfac", "diag")
-_STATE_FORMAT = "laplace_kron.OnlineLaplace"
-_STATE_VERSION = 1
-
-
-@dataclass
-class _Term:
-    """One Kronecker term ``coef * K`` of a block's precision (``K``: KFAC or EKFAC block)."""
-
-    coef: float
-    block: KronBlock
-
-
-@dataclass
-class _BlockSum:
-    """Precision of one parameter block: ``sum_k coef_k * (G_k (x) A_k)`` (or EKFAC terms)."""
-
-    param_names: list[str]
-    param_shapes: list[torch.Size]
-    bias_joint: bool
-    terms: list[_Term] = field(default_factory=list)
-    _stack: tuple | None = field(default=None, repr=False)
-
-    def invalidate(self) -> None:
-        self._stack = None
-
-    def stacked(self, ekfac: bool) -> tuple:
-        """Batched factors for the penalty (cached until the terms change).
-
-        KFAC: ``(coefs [T], G [T, o, o], A [T, i, i] or None)``.
-        EKFAC: ``(Q_G^T [T, o, o], Q_A [T, i, i], coef * E [T, o, i])``.
-        """
-        if self._stack is None:
-            blocks = [t.block for t in self.terms]
-            if ekfac:
-                self._stack = (
-                    torch.stack([b.eig_G.vectors.T for b in blocks]).contiguous(),
-                    torch.stack([b.eig_A.vectors for b in blocks]),
-                    torch.stack([t.coef * t.block.eigvals() for t in self.terms]),
-                )
-            else:
-                coefs = torch.tensor([t.coef for t in self.terms], dtype=blocks[0].dtype)
-                A = None if blocks[0].A is None else torch.stack([b.A for b in blocks])
-                self._stack = (coefs.to(blocks[0].device), torch.stack([b.G for b in blocks]), A)
-        return self._stack
-
-
-def _merge_terms(terms: Sequence[_Term], ekfac: bool) -> _Term:
-    """Merge ``sum_k c_k G_k (x) A_k`` into one Kronecker term (Ritter et al. style).
-
-    KFAC: ``(sum_k c_k G_k) (x) (sum_k w_k A_k)`` with ``w_k = c_k tr(G_k) / sum_j c_j tr(G_j)``.
-    This is the Kronecker product of the summed factors, normalised so that it is exact whenever
-    all ``A_k`` (or, up to scale, all ``G_k``) coincide, and so that the trace is preserved
-    (``A`` is an average over data, ``G`` a sum, see :mod:`laplace_kron.curvature.kfac`).
-
-    EKFAC: the merged factors above give a new eigenbasis ``Q_G (x) Q_A``; the eigenvalues are the
-    diagonal of the exact sum in that basis, ``E[i, j] = sum_k c_k (R_G,k^2 E_k R_A,k^2^T)[i, j]``
-    with ``R_k = Q^T Q_k``, the Frobenius-closest matrix diagonal in the new basis (trace-exact).
-    """
-    blocks = [t.block for t in terms]
-    first = blocks[0]
-    G = sum(t.coef * t.block.G for t in terms)
-    A = None
-    if first.A is not None:
-        tr = torch.stack([t.coef * t.block.G.diagonal().sum() for t in terms])
-        w = tr / tr.sum() if float(tr.sum()) > 0 else torch.full_like(tr, 1.0 / len(terms))
-        A = sum(wk * b.A for wk, b in zip(w, blocks))
-    merged = KronBlock(G, A, list(first.param_names), list(first.param_shapes), first.bias_joint)
-    if ekfac:
-        QG, QA = merged.eig_G.vectors, merged.eig_A.vectors
-        E = torch.zeros(merged.d_out, merged.d_in, dtype=G.dtype, device=G.device)
-        for t in terms:
-            RG = (QG.T @ t.block.eig_G.vectors) ** 2
-            RA = (QA.T @ t.block.eig_A.vectors) ** 2
-            E = E + t.coef * (RG @ t.block.eigvals() @ RA.T)
-        merged = merged.with_eigenvalues(E)
-    return _Term(1.0, merged)
-
-
-def _check_number(name: str, value: object, low: float, high: float = math.inf) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if not low <= value <= high:
-        raise ValueError(f"{name} must lie in [{low}, {high}], got {value!r}")
-    return float(value)
+# How error messages name an in-memory state (a file is named by its path).
+_STATE_NAME = "OnlineLaplace state"
+# Options that load_state_dict restores from a state (the rest must match or come from the model).
+_RESTORED = frozenset(
+    ("fisher", "mc_samples", "strength", "decay", "max_terms", "prior_precision", "weight_sharing")
+)
 
 
 class OnlineLaplace:
@@ -139,13 +65,14 @@ class OnlineLaplace:
                 ...
             model.eval()
             ol.consolidate(task_loader)    # fold this task's curvature into the precision
+        ol.save("online.pt")               # later: OnlineLaplace.load("online.pt", model)
 
     Args:
         model: the network; the same object (or one with identical parameter names and shapes) is
             trained on every task.
         likelihood: ``"classification"``, ``"regression"`` or ``"binary"``.
         curvature: ``"kfac"`` / ``"ekfac"`` (per-layer Kronecker blocks, Ritter et al. 2018) or
-            ``"diag"`` (diagonal Fisher/GGN: EWC).
+            ``"diag"`` (diagonal Fisher/GGN: EWC); stored as :attr:`curvature_type`.
         fisher: ``"exact"``, ``"mc"`` or ``"empirical"`` (see :func:`laplace_kron.kfac`).
         mc_samples: sampled labels per datum for ``fisher="mc"``.
         strength: multiplier ``lambda >= 0`` of the penalty (1 = Bayesian online Laplace).
@@ -160,18 +87,20 @@ class OnlineLaplace:
         prior_precision: isotropic ``delta >= 0`` added to the precision in the penalty.
         separate_bias, weight_sharing: passed to :func:`laplace_kron.kfac`.
 
-    **Representation of the sum.** ``sum_t c_t G_t (x) A_t`` is not a Kronecker product. We keep
-    it exactly as a list of per-task terms per block, so the penalty is exact for the chosen
-    curvature; its cost (memory and one pair of small GEMMs per term and block and step, batched)
-    grows linearly with the number of tasks. With ``max_terms`` the two oldest terms are merged
-    into one Kronecker product of summed factors, ``(sum c G) (x) (sum w A)`` with trace weights
-    ``w`` (Ritter et al. 2018 approximate the online sum by summing factors), which is exact when
-    the tasks share the input factor and preserves the trace; EKFAC terms are re-diagonalised in
-    the merged basis. Keeping the recent tasks exact and merging only old ones is a middle ground.
-    The diagonal curvature is summed exactly.
+    **Representation of the sum.** ``sum_t c_t G_t (x) A_t`` is not a Kronecker product; it is
+    kept exactly, one term per task and block (:mod:`laplace_kron.online_precision`; cost linear
+    in the tasks), unless ``max_terms`` merges the oldest terms into one Kronecker product of
+    summed factors (Ritter et al. 2018; exact when the tasks share the input factor, trace-exact;
+    EKFAC terms re-diagonalised). The diagonal curvature is summed exactly.
 
     **Before the first** :meth:`consolidate` the penalty is zero (a tensor), so one training loop
     serves every task; :attr:`num_tasks` tells whether anything was consolidated.
+
+    **Files.** :meth:`save` writes the :meth:`state_dict` atomically in the library's versioned
+    format (:mod:`laplace_kron.io`); :meth:`load` reads it back onto a model (construction options
+    from the file, overridable by keyword) and, like :meth:`load_state_dict`, refuses NaN / Inf,
+    missing or mistyped entries, block layouts that do not fit, and parameters the model lacks
+    or has in other shapes, with a ``ValueError`` naming the problem. Nothing pickled is executed.
     """
 
     def __init__(
@@ -192,24 +121,17 @@ class OnlineLaplace:
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        check_likelihood(likelihood)
-        check_fisher(fisher, mc_samples)
-        if curvature not in CURVATURES:
-            raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
-        if max_terms is not None and (
-            isinstance(max_terms, bool) or not isinstance(max_terms, int) or max_terms < 1
-        ):
-            raise ValueError(f"max_terms must be None or a positive integer, got {max_terms!r}")
+        check_options(likelihood, curvature, fisher, mc_samples, weight_sharing)
         self.model = model
         self.likelihood = likelihood
-        self.curvature = curvature
+        self.curvature_type = curvature
         self.fisher = fisher
         self.mc_samples = mc_samples
         self.strength = strength
         self.decay = decay
-        self.max_terms = max_terms
+        self.max_terms = check_max_terms(max_terms)
         self.prior_precision = prior_precision
-        self.separate_bias = separate_bias
+        self.separate_bias = bool(separate_bias)
         self.weight_sharing = weight_sharing
         self.modules = modules
         if generator is None and fisher == "mc":
@@ -223,36 +145,36 @@ class OnlineLaplace:
         self.num_tasks = 0
         self.task_sizes: list[int] = []
         self.anchor: dict[str, Tensor] = {}
-        self._blocks: list[_BlockSum] = []
-        self._diag: dict[str, Tensor] = {}
+        self._blocks: list[BlockSum] = []
+        self._diag = DiagSum()
 
     # ------------------------------------------------------------------------- hyperparameters
     @property
     def strength(self) -> float:
+        """Multiplier ``lambda >= 0`` of the penalty."""
         return self._strength
 
     @strength.setter
     def strength(self, value: float) -> None:
-        self._strength = _check_number("strength", value, 0.0)
+        self._strength = check_number("strength", value, 0.0)
 
     @property
     def decay(self) -> float:
+        """Forgetting factor ``gamma in (0, 1]`` applied to the old precision per new task."""
         return self._decay
 
     @decay.setter
     def decay(self, value: float) -> None:
-        value = _check_number("decay", value, 0.0, 1.0)
-        if value == 0:
-            raise ValueError("decay must lie in (0, 1] (1 = no forgetting), got 0")
-        self._decay = value
+        self._decay = check_decay(value)
 
     @property
     def prior_precision(self) -> float:
+        """Isotropic ``delta >= 0`` added to the precision in the penalty."""
         return self._prior_precision
 
     @prior_precision.setter
     def prior_precision(self, value: float) -> None:
-        self._prior_precision = _check_number("prior_precision", value, 0.0)
+        self._prior_precision = check_number("prior_precision", value, 0.0)
 
     @property
     def n_terms(self) -> int:
@@ -261,7 +183,7 @@ class OnlineLaplace:
 
     def __repr__(self) -> str:
         return (
-            f"OnlineLaplace(curvature={self.curvature!r}, likelihood={self.likelihood!r}, "
+            f"OnlineLaplace(curvature={self.curvature_type!r}, likelihood={self.likelihood!r}, "
             f"tasks={self.num_tasks}, terms={self.n_terms}, strength={self.strength}, "
             f"decay={self.decay}, P={sum(s.numel() for s in self.param_shapes)})"
         )
@@ -274,23 +196,20 @@ class OnlineLaplace:
         ``data`` yields ``(inputs, targets)`` batches; it is iterated twice for ``"ekfac"``.
         Put the model in eval mode first if it has dropout or batch-norm.
         """
-        if self.curvature == "diag":
-            diag, n = self._fit_diag(data, progress)
-            self.consolidate_curvature(diag, num_data=n)
-            return
-        fit = kfac if self.curvature == "kfac" else ekfac
-        curv = fit(
-            self.model,
-            data,
-            self.likelihood,
+        options = CurvatureOptions(
             fisher=self.fisher,
             mc_samples=self.mc_samples,
             weight_sharing=self.weight_sharing,
             separate_bias=self.separate_bias,
             modules=self.modules,
-            progress=progress,
             generator=self.generator,
         )
+        if self.curvature_type == "diag":
+            diag, n = fit_diagonal(self.model, data, self.likelihood, options, progress)
+            self.consolidate_curvature(diag, num_data=n)
+            return
+        fitter = CurvatureFitter(self.model, self.likelihood, options)
+        curv = fitter.fit(self.curvature_type, data, progress)
         self.consolidate_curvature(curv)
 
     def consolidate_curvature(
@@ -303,23 +222,24 @@ class OnlineLaplace:
         shaped like the parameter.
         """
         named = dict(self.model.named_parameters())
-        self._check_params(named, "the model")
-        if self.curvature == "diag":
+        check_shapes(self.param_names, self.param_shapes, named, "the model")
+        if self.curvature_type == "diag":
             if not isinstance(curv, Mapping):
                 raise TypeError(
                     "curvature='diag' expects a dict mapping parameter names to diagonals"
                 )
-            self._fold_diag(curv)
+            self._diag.fold(curv, self.decay, {n: named[n] for n in self.param_names})
             n = num_data
         else:
             if not isinstance(curv, KronCurvature):
                 raise TypeError(
-                    f"curvature={self.curvature!r} expects a KronCurvature, got {type(curv).__name__}"
+                    f"curvature={self.curvature_type!r} expects a KronCurvature, "
+                    f"got {type(curv).__name__}"
                 )
-            if (curv.kind == "ekfac") != (self.curvature == "ekfac"):
+            if (curv.kind == "ekfac") != (self.curvature_type == "ekfac"):
                 raise ValueError(
                     f"a {curv.kind!r} curvature cannot be folded into an OnlineLaplace with "
-                    f"curvature={self.curvature!r}"
+                    f"curvature={self.curvature_type!r}"
                 )
             self._fold_kron(curv)
             n = curv.num_data if num_data is None else num_data
@@ -337,9 +257,10 @@ class OnlineLaplace:
             for name, t in (("G", b.G), ("A", b.A), ("eigenvalues", b.eigenvalues)):
                 if t is not None and not torch.isfinite(t).all():
                     raise ValueError(f"block {b.param_names}: factor {name} contains NaN or Inf")
+        ekfac_ = self.curvature_type == "ekfac"
         if not self._blocks:
             self._blocks = [
-                _BlockSum(list(b.param_names), list(b.param_shapes), b.bias_joint)
+                BlockSum(list(b.param_names), list(b.param_shapes), b.bias_joint, ekfac_)
                 for b in curv.blocks
             ]
         layout_old = [(bs.param_names, bs.bias_joint) for bs in self._blocks]
@@ -349,57 +270,10 @@ class OnlineLaplace:
                 f"the new curvature's blocks {layout_new} differ from the consolidated ones "
                 f"{layout_old}; fit every task with the same modules= and separate_bias="
             )
-        ekfac_ = self.curvature == "ekfac"
         for bs, b in zip(self._blocks, curv.blocks):
-            for t in bs.terms:
-                t.coef *= self.decay
-            bs.terms.append(_Term(1.0, b))
-            if self.max_terms is not None:
-                while len(bs.terms) > self.max_terms:
-                    bs.terms[:2] = [_merge_terms(bs.terms[:2], ekfac_)]
-            bs.invalidate()
-
-    def _fold_diag(self, diag: Mapping[str, Tensor]) -> None:
-        named = dict(self.model.named_parameters())
-        missing = [n for n in self.param_names if n not in diag]
-        if missing:
-            raise ValueError(f"the diagonal curvature lacks parameters {missing}")
-        for n in self.param_names:
-            d = diag[n].detach()
-            if d.shape != named[n].shape:
-                raise ValueError(
-                    f"diagonal for {n!r} has shape {tuple(d.shape)}, the parameter "
-                    f"{tuple(named[n].shape)}"
-                )
-            if not torch.isfinite(d).all():
-                raise ValueError(f"diagonal curvature of {n!r} contains NaN or Inf")
-            old = self._diag.get(n)
-            self._diag[n] = d.clone() if old is None else self.decay * old + d
-
-    def _fit_diag(self, data: Iterable, progress: bool = False) -> tuple[dict[str, Tensor], int]:
-        """Diagonal GGN / Fisher of ``data`` (:func:`~laplace_kron.curvature.diag.fit_diagonal`)."""
-        options = CurvatureOptions(
-            fisher=self.fisher,
-            mc_samples=self.mc_samples,
-            separate_bias=self.separate_bias,
-            modules=self.modules,
-            generator=self.generator,
-        )
-        return fit_diagonal(self.model, data, self.likelihood, options, progress)
+            bs.fold(b, self.decay, self.max_terms)
 
     # ------------------------------------------------------------------------- penalty
-    def _check_params(self, named: Mapping[str, Tensor], what: str) -> None:
-        missing = [n for n in self.param_names if n not in named]
-        if missing:
-            raise ValueError(f"{what} has no parameters {missing}; is it the consolidated model?")
-        bad = [
-            f"{n}: {tuple(named[n].shape)} vs {tuple(s)}"
-            for n, s in zip(self.param_names, self.param_shapes)
-            if named[n].shape != s
-        ]
-        if bad:
-            raise ValueError(f"{what}'s parameter shapes differ from the consolidated ones: {bad}")
-
     def penalty(self, model: nn.Module | Mapping[str, Tensor] | None = None) -> Tensor:
         """``strength / 2 * (theta - theta*)^T (Lambda + delta I) (theta - theta*)``, differentiable.
 
@@ -412,34 +286,20 @@ class OnlineLaplace:
         if model is None:
             model = self.model
         named = dict(model.named_parameters()) if isinstance(model, nn.Module) else dict(model)
-        self._check_params(named, "the model")
+        check_shapes(self.param_names, self.param_shapes, named, "the model")
         ref = named[self.param_names[0]]
         if self.num_tasks == 0:
             return ref.new_zeros(())
         diffs = {n: named[n] - self.anchor[n] for n in self.param_names}
         total = ref.new_zeros(())
-        if self.curvature == "diag":
-            for n, d in diffs.items():
-                total = total + (self._diag[n] * d * d).sum()
+        if self.curvature_type == "diag":
+            total = total + self._diag.quadratic(diffs)
         else:
             for bs in self._blocks:
-                D = _params_to_mat(bs, [diffs[n] for n in bs.param_names])
-                total = total + self._block_quadratic(bs, D)
+                total = total + bs.quadratic(bs.params_to_mat([diffs[n] for n in bs.param_names]))
         if self.prior_precision > 0:
             total = total + self.prior_precision * sum((d * d).sum() for d in diffs.values())
         return 0.5 * self.strength * total
-
-    def _block_quadratic(self, bs: _BlockSum, D: Tensor) -> Tensor:
-        """``vec(D)^T (sum_k c_k K_k) vec(D)`` for ``D [d_out, d_in]``, batched over terms."""
-        if self.curvature == "ekfac":
-            QGt, QA, E = bs.stacked(ekfac=True)
-            rot = QGt @ D @ QA  # [T, o, i]
-            return (E * rot * rot).sum()
-        coefs, G, A = bs.stacked(ekfac=False)
-        GD = G @ D  # [T, o, i]
-        if A is not None:
-            GD = GD @ A
-        return (coefs[:, None, None] * GD * D).sum()
 
     # ------------------------------------------------------------------------- dense (tests)
     def to_dense(self) -> Tensor:
@@ -451,8 +311,8 @@ class OnlineLaplace:
         offsets = dict(zip(self.param_names, [sum(sizes[:i]) for i in range(len(sizes))]))
         ref = next(iter(self.anchor.values()))
         out = torch.zeros(P, P, dtype=ref.dtype, device=ref.device)
-        if self.curvature == "diag":
-            out += torch.diag(torch.cat([self._diag[n].flatten() for n in self.param_names]))
+        if self.curvature_type == "diag":
+            out += self._diag.to_dense(self.param_names)
         else:
             for bs in self._blocks:
                 idx = torch.cat(
@@ -461,34 +321,21 @@ class OnlineLaplace:
                         for n, s in zip(bs.param_names, bs.param_shapes)
                     ]
                 )
-                dense = sum(t.coef * t.block.to_dense() for t in bs.terms)
-                out[idx.unsqueeze(1), idx.unsqueeze(0)] = dense
+                out[idx.unsqueeze(1), idx.unsqueeze(0)] = bs.to_dense()
         return out + self.prior_precision * torch.eye(P, dtype=out.dtype, device=out.device)
 
-    # ------------------------------------------------------------------------- state
+    # ------------------------------------------------------------------------- state and files
     def state_dict(self) -> dict:
-        """Plain tensors, numbers, strings and lists (``torch.load(..., weights_only=True)``)."""
-        blocks = []
-        for bs in self._blocks:
-            entry: dict = {
-                "param_names": list(bs.param_names),
-                "bias_joint": bs.bias_joint,
-                "coefs": [t.coef for t in bs.terms],
-                "G": [t.block.G for t in bs.terms],
-                "A": [t.block.A for t in bs.terms],
-            }
-            if self.curvature == "ekfac":
-                # Store the eigenbases: eigenvectors of repeated eigenvalues are not unique.
-                entry["eigenvalues"] = [t.block.eigenvalues for t in bs.terms]
-                entry["eig_G_values"] = [t.block.eig_G.values for t in bs.terms]
-                entry["eig_G_vectors"] = [t.block.eig_G.vectors for t in bs.terms]
-                entry["eig_A_values"] = [t.block.eig_A.values for t in bs.terms]
-                entry["eig_A_vectors"] = [t.block.eig_A.vectors for t in bs.terms]
-            blocks.append(entry)
+        """Plain tensors, numbers, strings and lists (``torch.load(..., weights_only=True)``).
+
+        A snapshot (copies) of the options (``modules`` as names), the anchor, the per-block terms
+        (EKFAC with their eigenbases: eigenvectors of repeated eigenvalues are not unique) or the
+        diagonal, and the MC generator state, so a resumed run continues bit for bit.
+        """
         return {
-            "format": _STATE_FORMAT,
-            "version": _STATE_VERSION,
-            "curvature": self.curvature,
+            "format": ONLINE_FORMAT,
+            "version": FILE_FORMATS[ONLINE_FORMAT],
+            "curvature": self.curvature_type,
             "likelihood": self.likelihood,
             "fisher": self.fisher,
             "mc_samples": self.mc_samples,
@@ -496,96 +343,65 @@ class OnlineLaplace:
             "decay": self.decay,
             "max_terms": self.max_terms,
             "prior_precision": self.prior_precision,
+            "separate_bias": self.separate_bias,
+            "weight_sharing": self.weight_sharing,
+            "modules": module_names(self.model, self.modules),
             "num_tasks": self.num_tasks,
             "task_sizes": list(self.task_sizes),
             "param_names": list(self.param_names),
             "param_shapes": [list(s) for s in self.param_shapes],
-            "anchor": {n: t for n, t in self.anchor.items()},
-            "blocks": blocks,
-            "diag": dict(self._diag),
+            "anchor": {n: t.clone() for n, t in self.anchor.items()},
+            "blocks": [bs.state_dict() for bs in self._blocks],
+            "diag": {n: t.clone() for n, t in self._diag.values.items()},
             "generator_state": None if self.generator is None else self.generator.get_state(),
         }
 
     def load_state_dict(self, state: Mapping) -> None:
         """Restore a :meth:`state_dict` (hyperparameters included) onto this object's model.
 
-        Fails if the state was made with another curvature or likelihood, or covers parameters
-        that this object's model lacks or that have other shapes.
+        Raises ``ValueError`` naming the problem, leaving this object unchanged, if the state was
+        made with another curvature or likelihood, covers parameters that this object's model lacks
+        or that have other shapes, holds NaN / Inf, or is malformed (a missing key, a wrong type or
+        list length, blocks that do not fit the parameters).
         """
-        if not isinstance(state, Mapping) or state.get("format") != _STATE_FORMAT:
-            raise ValueError("not an OnlineLaplace state_dict (missing format marker)")
-        if state.get("version") != _STATE_VERSION:
-            raise ValueError(f"unsupported state version {state.get('version')!r}")
-        for key in ("curvature", "likelihood"):
-            if state[key] != getattr(self, key):
-                raise ValueError(
-                    f"state has {key}={state[key]!r} but this OnlineLaplace has "
-                    f"{key}={getattr(self, key)!r}; construct it with the same {key}"
-                )
-        names = list(state["param_names"])
-        shapes = [torch.Size(s) for s in state["param_shapes"]]
-        if names != self.param_names:
-            raise ValueError(
-                f"state covers parameters {names} but this OnlineLaplace covers "
-                f"{self.param_names}; use the same model and modules="
-            )
-        named = dict(self.model.named_parameters())
-        bad = [
-            f"{n}: state {tuple(s)} vs model {tuple(named[n].shape)}"
-            for n, s in zip(names, shapes)
-            if named[n].shape != s
-        ]
-        if bad:
-            raise ValueError(f"state does not match the model's parameter shapes: {bad}")
-        ref = named[names[0]]
-        dev, dt = ref.device, ref.dtype
+        self._load(state, _STATE_NAME)
 
-        def cast(t: Tensor | None) -> Tensor | None:
-            return None if t is None else t.to(device=dev, dtype=dt)
+    def save(self, path: str | os.PathLike) -> None:
+        """Write :meth:`state_dict` to ``path`` atomically (see :func:`laplace_kron.io.save_file`)."""
+        io.save_file(path, self.state_dict(), ONLINE_FORMAT)
 
-        blocks = []
-        for entry in state["blocks"]:
-            bshapes = [named[n].shape for n in entry["param_names"]]
-            bs = _BlockSum(list(entry["param_names"]), bshapes, bool(entry["bias_joint"]))
-            for k, coef in enumerate(entry["coefs"]):
-                blk = KronBlock(
-                    cast(entry["G"][k]),
-                    cast(entry["A"][k]),
-                    list(entry["param_names"]),
-                    bshapes,
-                    bool(entry["bias_joint"]),
-                )
-                if self.curvature == "ekfac":
-                    blk = KronBlock(
-                        blk.G,
-                        blk.A,
-                        blk.param_names,
-                        blk.param_shapes,
-                        blk.bias_joint,
-                        cast(entry["eigenvalues"][k]),
-                        Eigen(cast(entry["eig_G_values"][k]), cast(entry["eig_G_vectors"][k])),
-                        Eigen(cast(entry["eig_A_values"][k]), cast(entry["eig_A_vectors"][k])),
-                    )
-                bs.terms.append(_Term(float(coef), blk))
-            blocks.append(bs)
-        self.fisher = state["fisher"]
-        self.mc_samples = int(state["mc_samples"])
-        self.strength = float(state["strength"])
-        self.decay = float(state["decay"])
-        self.max_terms = state["max_terms"]
-        self.prior_precision = float(state["prior_precision"])
-        self.num_tasks = int(state["num_tasks"])
-        self.task_sizes = [int(s) for s in state["task_sizes"]]
-        self.anchor = {n: cast(state["anchor"][n]) for n in names}
-        self._blocks = blocks
-        self._diag = {n: cast(t) for n, t in state["diag"].items()}
-        gen_state = state.get("generator_state")
+    @classmethod
+    def load(cls, path: str | os.PathLike, model: nn.Module, **kwargs) -> OnlineLaplace:
+        """Read a file written by :meth:`save` onto ``model`` (``torch.load(weights_only=True)``).
+
+        The object is constructed with the likelihood and options saved in the file; keyword
+        arguments of the constructor (e.g. ``strength=``, ``generator=``) override them. Raises
+        ``FileNotFoundError`` for a missing file and ``ValueError`` naming the file for a
+        corrupted, truncated, poisoned (NaN / Inf) or foreign file or one that does not fit
+        ``model``.
+        """
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        name = os.fspath(path)
+        state = io.load_file(name, ONLINE_FORMAT)
+        options = {**saved_options(state, name), **kwargs}
+        try:
+            ol = cls(model, **options)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{name!r} holds options this OnlineLaplace refuses: {e}") from e
+        ol._load(state, name)
+        for key in kwargs.keys() & _RESTORED:  # the caller's choice wins over the saved one
+            setattr(ol, key, kwargs[key])
+        return ol
+
+    def _load(self, state: Mapping, name: str) -> None:
+        """Validate everything first, then assign, so a refused state changes nothing."""
+        new = read_state(state, name, self)
+        self._blocks, self._diag = new.pop("blocks"), DiagSum(new.pop("diag"))
+        gen_state = new.pop("generator_state")
+        for key, value in new.items():  # fisher, strength, ..., anchor (setters check again)
+            setattr(self, key, value)
         if gen_state is not None:
             if self.generator is None:
                 self.generator = torch.Generator()
             self.generator.set_state(gen_state)
-
-
-def _params_to_mat(bs: _BlockSum, params: list[Tensor]) -> Tensor:
-    """Parameter tensors of a block -> ``[d_out, d_in]`` (as :meth:`KronBlock.params_to_mat`)."""
-    return bs.terms[0].block.params_to_mat(params)

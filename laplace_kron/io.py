@@ -79,18 +79,23 @@ def load_file(path: PathLike, format: str) -> dict:
     name = os.fspath(path)
     if not os.path.exists(name):
         raise FileNotFoundError(f"no such file: {name!r}")
+    if os.path.isdir(name):
+        raise ValueError(f"{name!r} is a directory; give the path of a file")
     try:
         state = torch.load(name, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(
-            f"refusing to load {name!r}: it holds objects other than tensors and plain data (a "
-            "tampered or foreign file); nothing was executed"
-        ) from e
     except Exception as e:  # noqa: BLE001 - any decoding failure means a malformed file
+        # Only an unpickling error about a global is weights_only refusing an object; random
+        # bytes and truncated legacy files raise UnpicklingError too ("Unsupported operand").
+        reason = _reason(e)
+        refused = ("Unsupported global", "Unsupported class")  # torch >= 2.4, older torch
+        if isinstance(e, pickle.UnpicklingError) and any(r in reason for r in refused):
+            raise ValueError(
+                f"refusing to load {name!r}: it holds objects other than tensors and plain data "
+                f"({reason}; a tampered or foreign file); nothing was executed"
+            ) from e
         raise ValueError(
-            f"cannot read {name!r} as a laplace_kron file ({type(e).__name__}: {e}); it is "
-            "truncated, corrupted or holds objects other than tensors and plain data (nothing "
-            "was executed)"
+            f"cannot read {name!r} as a laplace_kron file ({reason}); it is truncated or "
+            "corrupted (nothing was executed)"
         ) from e
     if not isinstance(state, dict):
         raise ValueError(
@@ -125,6 +130,15 @@ def check_finite(obj: object, name: str, where: str = "") -> None:
     elif isinstance(obj, (list, tuple)):
         for i, v in enumerate(obj):
             check_finite(v, name, f"{where}[{i}]")
+
+
+def _reason(e: BaseException) -> str:
+    """A one-line cause: torch's weights_only errors are long and advise unsafe loading, so keep
+    only the first sentence after ``WeightsUnpickler error:`` (or of the message), <= 200 chars."""
+    text = str(e).split("WeightsUnpickler error:", 1)[-1]
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    first = first.split(". ", 1)[0]
+    return f"{type(e).__name__}: {first[:200]}" if first else type(e).__name__
 
 
 @contextmanager

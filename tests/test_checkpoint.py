@@ -281,7 +281,7 @@ def test_malicious_or_foreign_checkpoint_is_refused(tmp_path, writer):
     with pytest.raises(ValueError, match="not a laplace_kron fit checkpoint"):
         _fitter(model).fit_kfac(batches, checkpoint=path)
     path.write_bytes(b"not a torch file")
-    with pytest.raises(ValueError, match="refusing to load|cannot read checkpoint"):
+    with pytest.raises(ValueError, match="refusing to load|cannot read"):
         _fitter(model).fit_kfac(batches, checkpoint=path)
     torch.save({"format": "laplace_kron.fit_checkpoint", "version": 99}, path)
     with pytest.raises(ValueError, match="version 99"):

@@ -3,6 +3,7 @@
 import copy
 import importlib.util
 import io
+import os
 import sys
 import time
 from pathlib import Path
@@ -285,6 +286,204 @@ def test_load_state_dict_rejects_mismatches():
         OnlineLaplace(MLP(d_out=3), "classification", modules=["4"]).load_state_dict(state)
     with pytest.raises(ValueError, match="format"):
         OnlineLaplace(MLP(d_out=3), "classification").load_state_dict({"anchor": {}})
+
+
+# ----------------------------------------------------------------------------- files
+def _fitted(curvature: str, **kw) -> tuple[OnlineLaplace, nn.Module]:
+    model = MLP(d_out=3)
+    ol = OnlineLaplace(model, "classification", curvature=curvature, **kw)
+    for t in range(2):
+        x, y = make_data("classification", 10, 3, seed=t)
+        _perturb(model, 0.2, seed=t)
+        ol.consolidate([(x, y)])
+    return ol, model
+
+
+@pytest.mark.parametrize("curvature", CURVS)
+def test_save_load_round_trip(curvature, tmp_path):
+    ol, model = _fitted(curvature, strength=4.0, decay=0.9, prior_precision=0.3, separate_bias=True)
+    path = tmp_path / "online.pt"
+    ol.save(path)
+    assert os.listdir(tmp_path) == ["online.pt"]
+    assert torch.load(path, weights_only=True)["format"] == "laplace_kron.OnlineLaplace"
+    model2 = copy.deepcopy(model)
+    ol2 = OnlineLaplace.load(path, model2)
+    assert ol2.curvature_type == curvature and ol2.likelihood == "classification"
+    assert (ol2.strength, ol2.decay, ol2.prior_precision) == (4.0, 0.9, 0.3)
+    assert (ol2.num_tasks, ol2.task_sizes, ol2.separate_bias) == (2, [10, 10], True)
+    assert ol2.param_names == ol.param_names and ol2.n_terms == ol.n_terms
+    for m in (model, model2):
+        _perturb(m, 0.1, seed=5)
+    torch.testing.assert_close(ol2.penalty(model2), ol.penalty(model), rtol=0, atol=1e-12)
+    # resuming continues identically (the MC generator state is restored too)
+    x, y = make_data("classification", 10, 3, seed=9)
+    ol.consolidate([(x, y)])
+    ol2.consolidate([(x, y)])
+    torch.testing.assert_close(ol2.to_dense(), ol.to_dense(), rtol=0, atol=1e-12)
+
+
+def test_load_keywords_override_the_file_and_modules_by_object(tmp_path):
+    model = MLP(d_out=3)
+    ol = OnlineLaplace(model, "classification", modules=[model[4]], max_terms=1, strength=2.0)
+    x, y = make_data("classification", 10, 3)
+    ol.consolidate([(x, y)])
+    ol.save(tmp_path / "ol.pt")
+    g = torch.Generator()
+    ol2 = OnlineLaplace.load(tmp_path / "ol.pt", copy.deepcopy(model), strength=5.0, generator=g)
+    assert ol2.modules == ["4"] and ol2.param_names == ["4.weight", "4.bias"]
+    assert (ol2.strength, ol2.max_terms, ol2.generator) == (5.0, 1, g)
+    torch.testing.assert_close(ol2.penalty(), ol.penalty() * 0, rtol=0, atol=1e-12)
+    with pytest.raises(TypeError, match="nn.Module"):
+        OnlineLaplace.load(tmp_path / "ol.pt", "model")
+    with pytest.raises(ValueError, match="ol.pt.*curvature must be one of"):
+        OnlineLaplace.load(tmp_path / "ol.pt", model, curvature="full")
+    with pytest.raises(FileNotFoundError):
+        OnlineLaplace.load(tmp_path / "missing.pt", model)
+
+
+def _poison(state: dict, curvature: str, what: str) -> None:
+    if what == "anchor":
+        next(iter(state["anchor"].values()))[0] = float("nan")
+    elif curvature == "diag":
+        next(iter(state["diag"].values())).view(-1)[1] = float("inf")
+    else:
+        key = "eigenvalues" if curvature == "ekfac" else "G"
+        state["blocks"][1][key][0][0, 0] = float("nan")
+
+
+@pytest.mark.parametrize("curvature", CURVS)
+@pytest.mark.parametrize("what", ["anchor", "factor"])
+def test_poisoned_state_and_file_refused(curvature, what, tmp_path):
+    ol, model = _fitted(curvature)
+    pen = ol.penalty()
+    state = ol.state_dict()
+    _poison(state, curvature, what)
+    path = tmp_path / "poisoned.pt"
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=f"{path}.*NaN or Inf"):
+        OnlineLaplace.load(path, model)
+    with pytest.raises(ValueError, match="OnlineLaplace state.*NaN or Inf"):
+        ol.load_state_dict(state)
+    torch.testing.assert_close(ol.penalty(), pen)  # a refused state changes nothing
+
+
+@pytest.mark.parametrize("curvature", CURVS)
+def test_truncated_random_and_foreign_files_refused(curvature, tmp_path):
+    ol, model = _fitted(curvature)
+    good = tmp_path / "ol.pt"
+    ol.save(good)
+    data = good.read_bytes()
+    bad = tmp_path / "bad.pt"
+    for cut in (0, 1, 100, len(data) // 2, len(data) - 1):
+        bad.write_bytes(data[:cut])
+        with pytest.raises(ValueError, match="bad.pt"):
+            OnlineLaplace.load(bad, model)
+    g = torch.Generator().manual_seed(0)
+    for size in (1, 17, 300, 4096):
+        bad.write_bytes(bytes(torch.randint(0, 256, (size,), generator=g, dtype=torch.uint8)))
+        with pytest.raises(ValueError, match="bad.pt"):
+            OnlineLaplace.load(bad, model)
+    state = ol.state_dict()
+    state["version"] = 2
+    torch.save(state, bad)
+    with pytest.raises(ValueError, match="version 2"):
+        OnlineLaplace.load(bad, model)
+    with pytest.raises(ValueError, match="version 2"):
+        ol.load_state_dict(state)
+    x, y = make_data("classification", 10, 3)
+    lk.KronLaplace(model, "classification").fit([(x, y)]).save(bad)
+    with pytest.raises(ValueError, match="bad.pt.*KronLaplace"):
+        OnlineLaplace.load(bad, model)
+
+
+def _drop_last_term_of_block_0(state: dict) -> None:
+    for key, value in state["blocks"][0].items():
+        if key not in ("param_names", "bias_joint"):
+            value.pop()
+
+
+def _malformed(curvature: str):
+    """(what to break, a function that breaks a fresh state_dict in place, expected message)."""
+    first = "0.weight"
+    cases = [
+        ("missing key", lambda s: s.pop("task_sizes"), "KeyError.*task_sizes"),
+        ("wrong type", lambda s: s.update(num_tasks="2"), "num_tasks must be an integer"),
+        ("task count", lambda s: s.update(task_sizes=[10]), "task_sizes must be a list"),
+        ("anchor key", lambda s: s["anchor"].pop(first), "anchor must map exactly"),
+        ("anchor shape", lambda s: s["anchor"].update({first: torch.zeros(2)}), "anchor"),
+        ("names", lambda s: s["param_names"].reverse(), "covers parameters"),
+        ("shapes", lambda s: s.update(param_shapes=[[1]]), "param_shapes has 1 entries"),
+        ("strength", lambda s: s.update(strength=-1.0), "strength"),
+        (
+            "generator",
+            lambda s: s.update(generator_state=torch.zeros(3, dtype=torch.uint8)),
+            "malformed",
+        ),
+        ("fisher", lambda s: s.update(fisher="true"), "fisher must be one of"),
+    ]
+    if curvature == "diag":
+        return cases + [
+            ("diag key", lambda s: s["diag"].pop(first), "diag must map exactly"),
+            ("diag < 0", lambda s: s["diag"][first].fill_(-1.0), ">= 0"),
+            ("blocks", lambda s: s.update(blocks=[{}]), "blocks must be a list, empty"),
+        ]
+    return (
+        cases
+        + [
+            ("no blocks", lambda s: s.update(blocks=[]), "blocks cover"),
+            ("dup block", lambda s: s["blocks"].append(s["blocks"][0]), "blocks cover"),
+            (
+                "coefs type",
+                lambda s: s["blocks"][0].update(coefs="1"),
+                "must be lists of one length",
+            ),
+            ("G list", lambda s: s["blocks"][0]["G"].pop(), "must be lists of one length"),
+            ("G shape", lambda s: s["blocks"][0]["G"].__setitem__(0, torch.eye(2)), "factor sizes"),
+            ("G type", lambda s: s["blocks"][0]["G"].__setitem__(0, [[1.0]]), "floating-point"),
+            ("coef < 0", lambda s: s["blocks"][0]["coefs"].__setitem__(0, -1.0), "coefficient"),
+            ("unknown", lambda s: s["blocks"][0]["param_names"].append("x"), "lacks"),
+            ("bias_joint", lambda s: s["blocks"][0].update(bias_joint=1), "bias_joint"),
+            ("terms", _drop_last_term_of_block_0, r"blocks hold \[1, 2\] terms"),
+            ("blocks type", lambda s: s.update(blocks={"0": 1}), "blocks must be a list"),
+        ]
+        + (
+            [
+                (
+                    "eigvec",
+                    lambda s: s["blocks"][0]["eig_A_vectors"].__setitem__(0, torch.eye(2)),
+                    "EKFAC",
+                )
+            ]
+            if curvature == "ekfac"
+            else []
+        )
+    )
+
+
+@pytest.mark.parametrize("curvature", CURVS)
+def test_malformed_states_refused_without_change(curvature, tmp_path):
+    ol, model = _fitted(curvature)
+    pen, before = ol.penalty(), repr(ol)
+    for what, breaks, match in _malformed(curvature):
+        state = copy.deepcopy(ol.state_dict())
+        breaks(state)
+        with pytest.raises(ValueError, match=match) as info:
+            ol.load_state_dict(state)
+        assert "OnlineLaplace state" in str(info.value), what
+        path = tmp_path / "malformed.pt"
+        torch.save(state, path)
+        with pytest.raises(ValueError, match=str(path)):
+            OnlineLaplace.load(path, model)
+        assert repr(ol) == before
+        torch.testing.assert_close(ol.penalty(), pen)
+
+
+def test_state_before_any_task_round_trips(tmp_path):
+    model = MLP(d_out=3)
+    OnlineLaplace(model, "regression", curvature="ekfac", fisher="exact").save(tmp_path / "e.pt")
+    ol = OnlineLaplace.load(tmp_path / "e.pt", model)
+    assert (ol.num_tasks, ol.fisher, ol.generator) == (0, "exact", None)
+    assert float(ol.penalty()) == 0.0
 
 
 # ----------------------------------------------------------------------------- bad input

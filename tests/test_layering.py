@@ -33,6 +33,7 @@ RANKS: dict[str, int] = {
     "laplace": 7,
     "continual": 7,
     "online_precision": 7,
+    "online_state": 7,
     "datasets": 8,
     "plots": 8,
     "demo": 8,

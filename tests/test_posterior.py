@@ -216,7 +216,7 @@ def test_tampered_files_are_rejected(tmp_path):
 
     with open(tmp_path / "evil.pt", "wb") as fh:
         pickle.dump({"format": "laplace_kron.KronLaplace", "payload": Evil()}, fh)
-    with pytest.raises(ValueError, match="refusing to load"):
+    with pytest.raises(ValueError, match="refusing to load|cannot read"):
         lk.KronLaplace.load(tmp_path / "evil.pt", model)
     assert not marker.exists()
 
