@@ -19,6 +19,7 @@ LAYERS = [
     "laplace_kron",
     "laplace_kron.constants",
     "laplace_kron.io",
+    "laplace_kron.validation",
     "laplace_kron.spectrum",
     "laplace_kron.links",
     "laplace_kron.metrics",

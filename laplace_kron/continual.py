@@ -35,13 +35,13 @@ from .online_precision import BlockSum, DiagSum
 from .online_state import (
     check_decay,
     check_max_terms,
-    check_number,
     check_options,
     check_shapes,
     module_names,
     read_state,
     saved_options,
 )
+from .validation import Checked, check_number
 
 __all__ = ["OnlineLaplace"]
 
@@ -149,32 +149,16 @@ class OnlineLaplace:
         self._diag = DiagSum()
 
     # ------------------------------------------------------------------------- hyperparameters
-    @property
-    def strength(self) -> float:
-        """Multiplier ``lambda >= 0`` of the penalty."""
-        return self._strength
-
-    @strength.setter
-    def strength(self, value: float) -> None:
-        self._strength = check_number("strength", value, 0.0)
-
-    @property
-    def decay(self) -> float:
-        """Forgetting factor ``gamma in (0, 1]`` applied to the old precision per new task."""
-        return self._decay
-
-    @decay.setter
-    def decay(self, value: float) -> None:
-        self._decay = check_decay(value)
-
-    @property
-    def prior_precision(self) -> float:
-        """Isotropic ``delta >= 0`` added to the precision in the penalty."""
-        return self._prior_precision
-
-    @prior_precision.setter
-    def prior_precision(self, value: float) -> None:
-        self._prior_precision = check_number("prior_precision", value, 0.0)
+    strength = Checked(
+        lambda v: check_number("strength", v, 0.0), "Multiplier ``lambda >= 0`` of the penalty."
+    )
+    decay = Checked(
+        check_decay, "Forgetting factor ``gamma in (0, 1]`` applied to the old precision per task."
+    )
+    prior_precision = Checked(
+        lambda v: check_number("prior_precision", v, 0.0),
+        "Isotropic ``delta >= 0`` added to the precision in the penalty.",
+    )
 
     @property
     def n_terms(self) -> int:

@@ -31,8 +31,9 @@ from torch import Tensor
 
 from . import metrics
 from .constants import PRIOR_GRANULARITIES, TUNING_METHODS, TUNING_OPTIMIZERS
-from .posterior import KronPosterior, positive
+from .posterior import KronPosterior
 from .predictive import predict
+from .validation import positive, positive_int
 
 __all__ = [
     "log_likelihood",
@@ -107,8 +108,7 @@ def optimize_prior_precision(
         raise ValueError(f"method must be one of {TUNING_METHODS}, got {method!r}")
     if granularity not in PRIOR_GRANULARITIES:
         raise ValueError(f"granularity must be one of {PRIOR_GRANULARITIES}, got {granularity!r}")
-    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
-        raise ValueError(f"n_steps must be a positive integer, got {n_steps!r}")
+    positive_int("n_steps", n_steps)
     if not lr > 0:
         raise ValueError(f"lr must be positive, got {lr!r}")
     if tune_sigma_noise and post.likelihood != "regression":

@@ -9,8 +9,6 @@ layout, list lengths, types, NaN / Inf) and returns the new attribute values, or
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -21,6 +19,7 @@ from . import io
 from .constants import FILE_FORMATS, ONLINE_CURVATURES, ONLINE_FORMAT, WEIGHT_SHARING
 from .curvature.likelihoods import check_fisher, check_likelihood
 from .online_precision import BlockSum
+from .validation import check_number
 
 if TYPE_CHECKING:
     from .continual import OnlineLaplace
@@ -28,7 +27,6 @@ if TYPE_CHECKING:
 __all__ = [
     "check_decay",
     "check_max_terms",
-    "check_number",
     "check_options",
     "check_shapes",
     "module_names",
@@ -40,15 +38,6 @@ __all__ = [
 _OPTIONS = ("likelihood", "curvature", "fisher", "mc_samples", "strength", "decay", "max_terms")
 _OPTIONS = (*_OPTIONS, "prior_precision")
 _OPTIONS_LATER = ("separate_bias", "weight_sharing", "modules")
-
-
-def check_number(name: str, value: object, low: float, high: float = math.inf) -> float:
-    """``value`` as a float if it is a finite real number in ``[low, high]``; else ``ValueError``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if not low <= value <= high:
-        raise ValueError(f"{name} must lie in [{low}, {high}], got {value!r}")
-    return float(value)
 
 
 def check_options(

@@ -31,8 +31,9 @@ from .constants import LIKELIHOODS, POSTERIOR_CURVATURES
 from .curvature import CurvatureFitter, CurvatureOptions, LayerSpec
 from .kron import KronBlock, KronCurvature, per_block
 from .spectrum import Spectrum
+from .validation import Checked, positive, positive_int
 
-__all__ = ["DampedKron", "KronPosterior", "positive"]
+__all__ = ["DampedKron", "KronPosterior"]
 
 
 @dataclass
@@ -64,13 +65,10 @@ class DampedKron:
         return self.matvec(v.T).T if v.ndim == 2 else self.matvec(v)
 
 
-def positive(name: str, value) -> Tensor:
-    """``value`` as a detached float64 scalar or 1-d tensor; ValueError unless positive and finite."""
-    t = torch.as_tensor(value, dtype=torch.float64).detach().clone()
-    if t.ndim > 1:
-        raise ValueError(f"{name} must be a scalar or a 1-d tensor, got shape {tuple(t.shape)}")
-    if not torch.isfinite(t).all() or (t <= 0).any():
-        raise ValueError(f"{name} must be positive and finite, got {value!r}")
+def _scalar_sigma(value) -> Tensor:
+    t = positive("sigma_noise", value)
+    if t.ndim != 0:
+        raise ValueError("sigma_noise must be a scalar")
     return t
 
 
@@ -122,6 +120,12 @@ class KronPosterior:
         self.temperature = temperature
 
     # ------------------------------------------------------------------ hyperparameters
+    sigma_noise = Checked(_scalar_sigma, "Observation noise ``sigma`` (regression), 0-d float64.")
+    temperature = Checked(
+        lambda v: float(positive("temperature", v)),
+        "Temperature ``T``: the curvature and log-likelihood are divided by it.",
+    )
+
     @property
     def prior_precision(self) -> Tensor:
         """``delta``: a 0-d tensor or one value per block ``[n_blocks]`` (float64)."""
@@ -135,27 +139,6 @@ class KronPosterior:
         if t.ndim == 1 and self.curvature is not None:
             self.block_deltas(t)  # validates the length
         self._prior_precision = t
-
-    @property
-    def sigma_noise(self) -> Tensor:
-        """Observation noise ``sigma`` (regression), a 0-d float64 tensor."""
-        return self._sigma_noise
-
-    @sigma_noise.setter
-    def sigma_noise(self, value) -> None:
-        t = positive("sigma_noise", value)
-        if t.ndim != 0:
-            raise ValueError("sigma_noise must be a scalar")
-        self._sigma_noise = t
-
-    @property
-    def temperature(self) -> float:
-        """Temperature ``T``: the curvature and log-likelihood are divided by it."""
-        return self._temperature
-
-    @temperature.setter
-    def temperature(self, value: float) -> None:
-        self._temperature = float(positive("temperature", value))
 
     # ------------------------------------------------------------------ fitting
     def fit(
@@ -279,8 +262,7 @@ class KronPosterior:
     def sample(self, n_samples: int = 100, generator: torch.Generator | None = None) -> Tensor:
         """Parameter samples ``theta* + Lambda^{-1/2} z``, ``z ~ N(0, I)``: ``[n_samples, P]``."""
         curv = self.require_fit()
-        if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
-            raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
+        positive_int("n_samples", n_samples)
         z = torch.randn(n_samples, curv.n_params, generator=generator, dtype=self.mean.dtype)
         return self.mean + curv.inv_sqrt_matvec(z.to(self.mean.device), *self.damping())
 

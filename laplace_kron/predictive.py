@@ -55,6 +55,7 @@ from .kron import KronBlock
 from .links import centered_probit, gaussian_samples, laplace_bridge, probit
 from .posterior import KronPosterior
 from .sampling import check_differentiable, check_predictable, parameter_sample_outputs
+from .validation import positive_int
 
 __all__ = [
     "METHODS",
@@ -72,14 +73,8 @@ def _validate(method: str, link: str, n_samples: int, chunk_size: int) -> None:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if link not in LINKS:
         raise ValueError(f"link must be one of {LINKS}, got {link!r}")
-    if not isinstance(n_samples, int) or isinstance(n_samples, bool) or n_samples < 1:
-        raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
-    _check_chunk(chunk_size)
-
-
-def _check_chunk(chunk_size: int) -> None:
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    positive_int("n_samples", n_samples)
+    positive_int("chunk_size", chunk_size)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -283,14 +278,14 @@ def _glm(
     check_predictable(la)
     check_differentiable("the GLM predictive")
     check_inputs(x)
-    _check_chunk(chunk_size)
+    positive_int("chunk_size", chunk_size)
     B = input_batch_size(x, batch_size_fn)
     specs, plans = _plans(la)
     _check_at_mean(la)
     if batch_size is None:
         batch_size = max(1, chunk_size // _per_example_elements(la, specs, x, B))
-    elif not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    else:
+        positive_int("batch_size", batch_size)
     fs, covs, tail = [], [], None
     linvs: dict[int, Tensor] = {}
     for start in range(0, B, batch_size):
@@ -320,29 +315,16 @@ def _glm(
     return torch.cat(fs), torch.cat(covs), torch.Size((B, *tail))
 
 
-def functional_covariance(
-    la: KronPosterior,
-    x: Inputs,
-    chunk_size: int = DEFAULT_CHUNK,
-    batch_size: int | None = None,
-    batch_size_fn: BatchSizeFn | None = None,
-    vectorize: bool = True,
-) -> Tensor:
+def functional_covariance(la: KronPosterior, x: Inputs, **kw) -> Tensor:
     """GLM output covariance ``J(x) Sigma J(x)^T`` ``[B, C, C]``, layer by layer in the Kronecker
-    eigenbasis without forming ``J`` (see the module docstring)."""
-    return glm_moments(la, x, False, chunk_size, batch_size, batch_size_fn, vectorize)[1]
+    eigenbasis without forming ``J`` (see the module docstring). Keywords: ``chunk_size``,
+    ``batch_size``, ``batch_size_fn``, ``vectorize`` of :func:`glm_moments`."""
+    return glm_moments(la, x, False, **kw)[1]
 
 
-def functional_variance(
-    la: KronPosterior,
-    x: Inputs,
-    chunk_size: int = DEFAULT_CHUNK,
-    batch_size: int | None = None,
-    batch_size_fn: BatchSizeFn | None = None,
-    vectorize: bool = True,
-) -> Tensor:
+def functional_variance(la: KronPosterior, x: Inputs, **kw) -> Tensor:
     """Diagonal of :func:`functional_covariance`, ``[B, C]``: ``sum_ij Jhat_k[i,j]^2 / L_ij``."""
-    return glm_moments(la, x, True, chunk_size, batch_size, batch_size_fn, vectorize)[1]
+    return glm_moments(la, x, True, **kw)[1]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -370,22 +352,14 @@ def predictive_samples(
 
 
 def _samples(
-    la: KronPosterior,
-    x: Inputs,
-    method: str,
-    n_samples: int,
-    generator: torch.Generator | None,
-    chunk_size: int,
-    batch_size_fn: BatchSizeFn | None,
-    vectorize: bool = True,
+    la: KronPosterior, x: Inputs, method: str, n_samples: int, generator, chunk_size: int, *rest
 ) -> tuple[Tensor, torch.Size]:
-    """:func:`predictive_samples` plus the model output shape ``[B, ...]``."""
+    """:func:`predictive_samples` plus the model output shape ``[B, ...]`` (``rest``:
+    ``batch_size_fn, vectorize``)."""
     if method == "glm":
-        mean, cov, shape = _glm(la, x, False, chunk_size, None, batch_size_fn, vectorize)
+        mean, cov, shape = _glm(la, x, False, chunk_size, None, *rest)
         return gaussian_samples(mean, cov, n_samples, generator), shape
-    return parameter_sample_outputs(
-        la, x, method, n_samples, generator, chunk_size, batch_size_fn, vectorize
-    )
+    return parameter_sample_outputs(la, x, method, n_samples, generator, chunk_size, *rest)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -18,15 +18,8 @@ import torch
 from torch import Tensor
 from torch.func import functional_call, jvp, vmap
 
-from .curvature.batches import (
-    BatchSizeFn,
-    Inputs,
-    check_inputs,
-    checked_forward,
-    input_batch_size,
-    slice_inputs,
-    warn_if_train_mode,
-)
+from .curvature import batches
+from .curvature.batches import BatchSizeFn, Inputs
 from .posterior import KronPosterior
 
 __all__ = ["check_differentiable", "check_predictable", "parameter_sample_outputs"]
@@ -35,7 +28,7 @@ __all__ = ["check_differentiable", "check_predictable", "parameter_sample_output
 def check_predictable(post: KronPosterior) -> None:
     """The posterior is fitted; warn if the model is in train mode (stochastic predictions)."""
     post.require_fit()
-    warn_if_train_mode(post.model, "predicting", stacklevel=4)
+    batches.warn_if_train_mode(post.model, "predicting", stacklevel=4)
 
 
 def check_differentiable(what: str) -> None:
@@ -63,8 +56,8 @@ def parameter_sample_outputs(
     check_predictable(post)
     if method == "glm_mc":
         check_differentiable("method='glm_mc'")
-    check_inputs(x)
-    B = input_batch_size(x, batch_size_fn)
+    batches.check_inputs(x)
+    B = batches.input_batch_size(x, batch_size_fn)
     model = post.model
     params = dict(model.named_parameters())
     mean_params = {n: params[n].detach() for n in post.param_names}
@@ -79,7 +72,9 @@ def parameter_sample_outputs(
         return call(post.unflatten(theta))
 
     with torch.no_grad():
-        f = checked_forward(model, slice_inputs(x, 0, 1, B), 1)  # validates, gives the shape
+        f = batches.checked_forward(
+            model, batches.slice_inputs(x, 0, 1, B), 1
+        )  # validates, gives the shape
         shape = torch.Size((B, *f.shape[1:]))
         per_sample = max(post.n_params, B * f[0].numel())
         k = max(1, min(n_samples, chunk_size // per_sample))

@@ -20,6 +20,7 @@ RANKS: dict[str, int] = {
     "constants": 0,
     "io": 1,
     "distributed": 1,
+    "validation": 1,
     "spectrum": 1,
     "links": 1,
     "metrics": 1,

@@ -171,19 +171,14 @@ def softmax_hessian_sqrt_columns(p: Tensor, k0: int, k1: int) -> Tensor:
 
 
 def iter_output_gradient_vectors(
-    f: Tensor,
-    y: Tensor,
-    likelihood: str,
-    fisher: str,
-    mc_samples: int = 1,
-    generator: torch.Generator | None = None,
-    max_elements: int | None = None,
+    f: Tensor, y: Tensor, likelihood: str, fisher: str, *args, max_elements: int | None = None
 ) -> Iterator[Tensor]:
     """:func:`output_gradient_vectors` in chunks ``[K_c, B, C]`` of at most about ``max_elements``
     numbers (the exact classification Fisher has ``K = C`` vectors: ``B C^2`` numbers at once
-    otherwise); a single chunk for every other case, so random streams are unchanged."""
+    otherwise); a single chunk for every other case, so random streams are unchanged. ``args``:
+    ``mc_samples, generator`` as for :func:`output_gradient_vectors`."""
     if fisher != "exact" or likelihood != "classification":
-        yield output_gradient_vectors(f, y, likelihood, fisher, mc_samples, generator)
+        yield output_gradient_vectors(f, y, likelihood, fisher, *args)
         return
     p = torch.softmax(f.detach(), dim=-1)
     B, C = p.shape

@@ -1,0 +1,57 @@
+"""Checks of user-given numbers, shared by every public entry point, and :class:`Checked`, a
+validated attribute (the setter runs a check, the getter returns what the check returned)."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["Checked", "check_number", "positive", "positive_int"]
+
+
+def positive(name: str, value: Any) -> Tensor:
+    """``value`` as a detached float64 scalar or 1-d tensor; ValueError unless positive and finite."""
+    t = torch.as_tensor(value, dtype=torch.float64).detach().clone()
+    if t.ndim > 1:
+        raise ValueError(f"{name} must be a scalar or a 1-d tensor, got shape {tuple(t.shape)}")
+    if not torch.isfinite(t).all() or (t <= 0).any():
+        raise ValueError(f"{name} must be positive and finite, got {value!r}")
+    return t
+
+
+def positive_int(name: str, value: Any) -> int:
+    """``value`` if it is a positive ``int`` (not a bool); else ValueError."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def check_number(name: str, value: object, low: float, high: float = math.inf) -> float:
+    """``value`` as a float if it is a finite real number in ``[low, high]``; else ValueError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must lie in [{low}, {high}], got {value!r}")
+    return float(value)
+
+
+class Checked:
+    """A validated attribute: ``obj.x = v`` stores ``check(v)`` (which raises on bad input)."""
+
+    def __init__(self, check: Callable[[Any], Any], doc: str):
+        self.check = check
+        self.__doc__ = doc
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.slot = "_" + name
+
+    def __get__(self, obj: Any, objtype: type | None = None) -> Any:
+        return self if obj is None else getattr(obj, self.slot)
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        setattr(obj, self.slot, self.check(value))
