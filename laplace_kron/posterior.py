@@ -313,38 +313,10 @@ class KronPosterior:
         io.check_finite(state, name)
         with io.reading(name):
             self._check_state(state, name)
-            blocks = [
-                KronBlock(
-                    b["G"],
-                    b["A"],
-                    list(b["param_names"]),
-                    [torch.Size(s) for s in b["param_shapes"]],
-                    bool(b["bias_joint"]),
-                    b["eigenvalues"],
-                )
-                for b in state["blocks"]
-            ]
-            curv = KronCurvature(
-                blocks,
-                list(state["param_names"]),
-                int(state["num_data"]),
-                likelihood=state["likelihood"],
-                fisher=state["fisher"],
-                loss=float(state["loss"]),
-                sse=float(state["sse"]),
-                n_outputs=int(state["n_outputs"]),
-                kind=state["kind"],
-            )
-            mean = state["mean"]
-            if not isinstance(mean, Tensor) or mean.shape != (curv.n_params,):
-                raise ValueError(f"{name} is malformed: its mean does not match its blocks")
-            hyper = (
-                positive("prior_precision", state["prior_precision"]),
-                positive("sigma_noise", state["sigma_noise"]),
-                float(positive("temperature", state["temperature"])),
-            )
-            if hyper[0].ndim == 1 and hyper[0].numel() not in (1, len(blocks)):
-                raise ValueError(f"{name} is malformed: prior_precision does not fit its blocks")
+            try:
+                curv, mean, hyper = _parse_state(state)
+            except ValueError as e:
+                raise ValueError(f"{name} is malformed: {e}") from e
         if not torch.equal(self.flat_parameters().cpu().to(mean.dtype), mean.cpu()):
             warnings.warn(
                 "the model's current parameters differ from the saved posterior mean; the GLM "
@@ -385,3 +357,40 @@ class KronPosterior:
             )
         if state["kind"] not in POSTERIOR_CURVATURES:
             raise ValueError(f"{name} is malformed: unknown curvature {state['kind']!r}")
+
+
+def _parse_state(state: dict) -> tuple[KronCurvature, Tensor, tuple[Tensor, Tensor, float]]:
+    """The curvature, mean and ``(prior_precision, sigma_noise, temperature)`` of a state."""
+    blocks = [
+        KronBlock(
+            b["G"],
+            b["A"],
+            list(b["param_names"]),
+            [torch.Size(s) for s in b["param_shapes"]],
+            bool(b["bias_joint"]),
+            b["eigenvalues"],
+        )
+        for b in state["blocks"]
+    ]
+    curv = KronCurvature(
+        blocks,
+        list(state["param_names"]),
+        int(state["num_data"]),
+        likelihood=state["likelihood"],
+        fisher=state["fisher"],
+        loss=float(state["loss"]),
+        sse=float(state["sse"]),
+        n_outputs=int(state["n_outputs"]),
+        kind=state["kind"],
+    )
+    mean = state["mean"]
+    if not isinstance(mean, Tensor) or mean.shape != (curv.n_params,):
+        raise ValueError("its mean does not match its blocks")
+    hyper = (
+        positive("prior_precision", state["prior_precision"]),
+        positive("sigma_noise", state["sigma_noise"]),
+        float(positive("temperature", state["temperature"])),
+    )
+    if hyper[0].ndim == 1 and hyper[0].numel() not in (1, len(blocks)):
+        raise ValueError("its prior_precision does not fit its blocks")
+    return curv, mean, hyper

@@ -319,6 +319,10 @@ def test_everything_before_fit_says_fit_first(tmp_path):
         "state_dict": lambda: la.state_dict(),
         "save": lambda: la.save(tmp_path / "la.pt"),
         "n_params": lambda: la.n_params,
+        "scatter": lambda: la.scatter(),
+        "log_det_posterior_precision": lambda: la.log_det_posterior_precision(),
+        "spectrum": lambda: la.spectrum(),
+        "sample": lambda: la.sample(2),
     }
     for what, call in calls.items():
         with pytest.raises(RuntimeError, match=r"not fitted yet: call \.fit\(data\) first"):
@@ -369,6 +373,96 @@ def test_loading_a_file_of_another_model_or_kind(tmp_path):
     assert other.curvature is None
     with pytest.raises(FileNotFoundError):
         KronLaplace.load(tmp_path / "missing.pt", model)
+
+
+def _poison(state: dict, what: str) -> dict:
+    """A copy of a posterior state with one problem planted."""
+    bad = {k: v for k, v in state.items()}
+    if what == "nan mean":
+        bad["mean"] = state["mean"].clone()
+        bad["mean"][3] = float("nan")
+    elif what == "inf factor":
+        blk = dict(state["blocks"][1])
+        blk["G"] = blk["G"].clone()
+        blk["G"][0, 0] = float("inf")
+        bad["blocks"] = [state["blocks"][0], blk, *state["blocks"][2:]]
+    elif what == "nan loss":
+        bad["loss"] = float("nan")
+    elif what == "missing blocks":
+        del bad["blocks"]
+    elif what == "short mean":
+        bad["mean"] = state["mean"][:-1]
+    elif what == "wrong factor shape":
+        blk = dict(state["blocks"][0], G=torch.eye(2))
+        bad["blocks"] = [blk, *state["blocks"][1:]]
+    elif what == "block is a string":
+        bad["blocks"] = ["G"]
+    elif what == "negative prior":
+        bad["prior_precision"] = torch.tensor(-1.0, dtype=torch.float64)
+    elif what == "prior per block of wrong length":
+        bad["prior_precision"] = torch.ones(7, dtype=torch.float64)
+    elif what == "unknown kind":
+        bad["kind"] = "diag"
+    return bad
+
+
+POISONS = [
+    "nan mean",
+    "inf factor",
+    "nan loss",
+    "missing blocks",
+    "short mean",
+    "wrong factor shape",
+    "block is a string",
+    "negative prior",
+    "prior per block of wrong length",
+    "unknown kind",
+]
+
+
+@pytest.mark.parametrize("what", POISONS)
+def test_poisoned_or_malformed_posterior_files_are_refused(tmp_path, what):
+    """Every poisoned file is refused with a ValueError naming the file, by ``load`` and by
+    ``load_state_dict`` (which leaves a fitted posterior unchanged)."""
+    from laplace_kron import io
+
+    model, path, x, _ = _saved(tmp_path)
+    state = io.load_file(path, "laplace_kron.KronLaplace")
+    bad = _poison(state, what)
+    bad_path = tmp_path / "bad.pt"
+    torch.save(bad, bad_path)  # the raw format, bypassing save's checks
+    with pytest.raises(ValueError, match="bad.pt"):
+        KronLaplace.load(bad_path, model)
+    la = KronLaplace.load(path, model)
+    before = la.predict(x)
+    with pytest.raises(ValueError):
+        la.load_state_dict(bad)
+    torch.testing.assert_close(la.predict(x), before, rtol=0, atol=0)
+
+
+def test_truncated_random_and_foreign_posterior_files_are_refused(tmp_path):
+    model, path, *_ = _saved(tmp_path)
+    data = path.read_bytes()
+    bad = tmp_path / "bad.pt"
+    for cut in (0, 1, 10, len(data) // 3, len(data) // 2, len(data) - 1):
+        bad.write_bytes(data[:cut])
+        with pytest.raises(ValueError, match="bad.pt"):
+            KronLaplace.load(bad, model)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(40):  # random bytes once raised a bare IndexError in about 1 case in 8
+        n = int(torch.randint(0, 4096, (1,), generator=gen))
+        bad.write_bytes(
+            bytes(torch.randint(0, 256, (n,), generator=gen, dtype=torch.uint8).tolist())
+        )
+        with pytest.raises(ValueError, match="bad.pt"):
+            KronLaplace.load(bad, model)
+    state = torch.load(path, weights_only=True)
+    torch.save(dict(state, version=2), bad)
+    with pytest.raises(ValueError, match="version 2"):
+        KronLaplace.load(bad, model)
+    torch.save(dict(state, format="laplace_kron.OnlineLaplace"), bad)
+    with pytest.raises(ValueError, match="not a laplace_kron KronLaplace posterior"):
+        KronLaplace.load(bad, model)
 
 
 class _Payload:

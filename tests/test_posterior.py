@@ -272,3 +272,22 @@ def test_scalar_newton_matches_lbfgs_and_mackay():
     la.prior_precision = 1.0
     la.optimize_prior_precision(optimizer="adam", n_steps=3000, lr=0.05, tol=1e-10)
     assert abs(float(la.prior_precision) - d_newton) < 1e-3 * d_newton
+
+
+def test_optimizer_names_what_runs():
+    """``optimizer="lbfgs"`` runs L-BFGS (it used to run Newton silently for a scalar prior);
+    Newton is the default where it applies and is refused where it does not."""
+    la, *_ = _fit()
+    r_default = la.optimize_prior_precision(tol=1e-10)
+    d_newton = float(la.prior_precision)
+    assert r_default["optimizer"] == "newton"
+    la.prior_precision = 1.0
+    r_lbfgs = la.optimize_prior_precision(optimizer="lbfgs", tol=1e-10)
+    assert r_lbfgs["optimizer"] == "lbfgs" and r_lbfgs["evaluations"] > r_lbfgs["iterations"] - 1
+    assert abs(float(la.prior_precision) - d_newton) < 1e-5 * d_newton
+    with pytest.raises(ValueError, match="optimizer='newton' tunes one scalar"):
+        la.optimize_prior_precision(granularity="layer", optimizer="newton")
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        la.optimize_prior_precision(optimizer="sgd")
+    with pytest.raises(ValueError, match="applies to method='marglik' only"):
+        la.optimize_prior_precision(method="mackay", optimizer="adam")
