@@ -4,6 +4,7 @@ from .continual import OnlineLaplace
 from .curvature import ekfac, kfac
 from .kron import KronBlock, KronCurvature
 from .laplace import KronLaplace
+from .training import marglik_training
 
 __version__ = "0.1.0"
 
@@ -14,5 +15,6 @@ __all__ = [
     "OnlineLaplace",
     "ekfac",
     "kfac",
+    "marglik_training",
     "__version__",
 ]

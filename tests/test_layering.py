@@ -35,6 +35,7 @@ RANKS: dict[str, int] = {
     "continual": 7,
     "online_precision": 7,
     "online_state": 7,
+    "training": 8,
     "datasets": 8,
     "plots": 8,
     "demo": 8,
