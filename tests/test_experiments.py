@@ -86,3 +86,12 @@ def test_ood_detection_quick(tmp_path):
     assert sets == {"patches", "noise", "held-out classes"}
     for r in run["json"]["summary"]:
         assert 0.0 <= r["auroc_maxprob"]["mean"] <= 1.0
+
+
+def test_marglik_training_quick(tmp_path):
+    run = _run("marglik_training", tmp_path, [], ["--no-laplace-torch"])
+    summary = run["json"]["summary"]
+    assert {r["method"] for r in summary} == {"MAP", "post-hoc KFAC", "marglik KFAC"}
+    for r in summary:
+        assert math.isfinite(r["nll"]["mean"]) and math.isfinite(r["nll_rot60"]["mean"])
+        assert 0.0 <= r["auroc_permuted"]["mean"] <= 1.0
