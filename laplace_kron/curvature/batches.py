@@ -7,8 +7,8 @@ dict, ``UserDict``, Hugging Face ``BatchEncoding``) holding the targets under ``
 
 **How inputs reach the model** (:func:`model_arguments`): a tensor as ``model(x)``; a mapping as
 ``model(**x)`` when ``model.forward`` takes ``**kwargs`` or every key names one of its
-parameters, else as one argument ``model(x)`` when ``forward`` takes one positional argument,
-else it is refused (naming the keys and the parameters).
+parameters, else as one argument ``model(x)`` when ``forward`` takes one positional argument
+and no key names one of its parameters, else it is refused (naming the keys and the parameters).
 
 **Outputs** (:func:`model_output`): a tensor, a tuple / list (its first element), an object with a
 ``logits`` tensor (Hugging Face ``ModelOutput``) or a mapping with ``"logits"``. The leading
@@ -207,7 +207,8 @@ def model_arguments(model: Callable, x: Inputs) -> tuple[tuple, dict[str, Any]]:
     """``(args, kwargs)`` with which inputs ``x`` reach ``model`` (the rule of the module
     docstring): a tensor as ``model(x)``; a mapping as ``model(**x)`` when ``forward`` takes
     ``**kwargs`` or has a parameter for every key (or cannot be inspected), else as ``model(x)``
-    when ``forward`` takes one positional argument; otherwise a ``TypeError``."""
+    when ``forward`` takes one positional argument and no key names a parameter; otherwise a
+    ``TypeError``."""
     if not isinstance(x, Mapping):
         return (x,), {}
     params = _forward_parameters(model)
@@ -225,13 +226,14 @@ def model_arguments(model: Callable, x: Inputs) -> tuple[tuple, dict[str, Any]]:
         if p.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD, kinds.VAR_POSITIONAL)
     ]
     required = [p for p in positional if p.default is p.empty and p.kind != kinds.VAR_POSITIONAL]
-    if positional and len(required) <= 1:
+    # Some keys name parameters but not all: a keyword call with stray keys, never one argument.
+    if positional and len(required) <= 1 and not set(x) & named:
         return (x,), {}
     raise TypeError(
         f"the input mapping has keys {sorted(map(str, x))} but the model's forward takes "
         f"({', '.join(p.name for p in params)}): a mapping is passed as model(**inputs) when "
         "forward has a parameter for every key (or **kwargs), or as model(inputs) when forward "
-        "takes one argument; rename the keys or wrap the model"
+        "takes one argument and no key names a parameter; drop or rename the keys or wrap the model"
     )
 
 
@@ -389,6 +391,8 @@ def forward_batch(
     xd = to_device(x, device)
     positions = attention_positions(xd, N, device)
     f = checked_forward(model, xd, N, i=i)
+    if y.ndim and y.shape[0] != N and y.shape[0] % N == 0 and f.shape[:2].numel() == y.shape[0]:
+        y = y.unflatten(0, (N, -1))  # flattened [N*T] targets of flattened [N*T, C] outputs
     fc, yc, keep = prepare_targets(
         f, y.to(device), likelihood, ignore_index, shift_labels, positions
     )
