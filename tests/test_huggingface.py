@@ -36,7 +36,7 @@ def _llama_lora():
     lora = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
     model = peft.get_peft_model(base, lora).to(DT).eval()
     with torch.no_grad():  # peft starts B at zero: give the adapter a non-trivial MAP
-        for n, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.normal_(0, 0.3)
     return model

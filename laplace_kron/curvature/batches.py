@@ -17,8 +17,7 @@ leading rows (a model that flattens ``[N, T, C]`` to ``[N*T, C]``) is read as ``
 (the rows of a datum must be contiguous, as a reshape gives); any other leading size is refused.
 
 **Padding.** An ``attention_mask [N, T]`` in the inputs marks padded positions (0): see
-:mod:`laplace_kron.curvature.accumulate` and :func:`~laplace_kron.curvature.likelihoods.
-prepare_targets`.
+:mod:`~laplace_kron.curvature.accumulate`.
 
 Everything here checks what it is given and names the batch and the fix: NaN / Inf in inputs or
 targets, an output that is not understood, NaN / Inf produced inside the network (finite inputs,
@@ -304,12 +303,9 @@ def fit_batch_size(x: Inputs, y: Any) -> int:
 class FitBatch:
     """One fit batch after the checked forward, in the likelihood's canonical shapes.
 
-    ``f [M, C]``: the output rows (a differentiable view of the model output; ``M = N R`` with
-    ``R`` positions per datum), ``y``: ``[M]`` class indices or ``[M, C]`` floats, ``keep``:
-    ``None`` (every target observed) or 0/1 weights ``[M, 1]`` / ``[M, C]`` of the observed ones,
-    ``num_data``: ``N``, ``positions``: the attention mask ``[N, T]`` (float, 0 = padding) or
-    ``None`` when nothing is padded.
-    """
+    ``f [M, C]`` output rows (a differentiable view of the output, ``R`` rows per datum),
+    ``y`` and ``keep`` as :func:`~laplace_kron.curvature.likelihoods.prepare_targets` returns
+    them, ``num_data`` ``N``, ``positions`` the float ``attention_mask [N, T]`` or ``None``."""
 
     f: Tensor
     y: Tensor
