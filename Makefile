@@ -20,12 +20,15 @@ setup: $(STAMP)
 
 # laplace-torch is a benchmark / cross-check reference only. Its torchvision dependency has no
 # working CPU build next to torch 2.13 here, so install it without dependencies and remove
-# torchvision (nothing we use needs it).
+# torchvision (nothing we use needs it). transformers and peft are test-only (the Hugging Face
+# tests); installed here, before the torchvision removal, as a dependency may pull it in.
 ORACLE := $(VENV)/.oracles
 $(ORACLE): $(STAMP)
 	$(PIP) install --quiet -c constraints.txt --no-deps laplace-torch==0.3 asdfghjkl==0.1a4
 	$(PIP) install --quiet -c constraints.txt torchmetrics opt-einsum
+	$(PIP) install --quiet -c constraints.txt transformers peft
 	$(PIP) uninstall --yes --quiet torchvision || true
+	$(PY) -c "import transformers, peft"
 	touch $(ORACLE)
 
 bench-setup: $(ORACLE)

@@ -86,6 +86,9 @@ class OnlineLaplace:
             (``m = 1``: one Kronecker product per layer, constant cost; see below).
         prior_precision: isotropic ``delta >= 0`` added to the precision in the penalty.
         separate_bias, weight_sharing: passed to :func:`laplace_kron.kfac`.
+        target_key, ignore_index, shift_labels: how batches are read (mapping batches, ignored
+            targets, causal-LM label shift; :class:`~laplace_kron.curvature.CurvatureOptions`).
+            Not saved by :meth:`state_dict` (give them again to :meth:`load`).
 
     **Representation of the sum.** ``sum_t c_t G_t (x) A_t`` is not a Kronecker product; it is
     kept exactly, one term per task and block (:mod:`laplace_kron.online_precision`; cost linear
@@ -118,6 +121,10 @@ class OnlineLaplace:
         prior_precision: float = 0.0,
         separate_bias: bool = False,
         weight_sharing: str = "expand",
+        *,
+        target_key: str = "labels",
+        ignore_index: int = -100,
+        shift_labels: bool = False,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -134,6 +141,11 @@ class OnlineLaplace:
         self.separate_bias = bool(separate_bias)
         self.weight_sharing = weight_sharing
         self.modules = modules
+        # Validated now (CurvatureOptions refuses bad values), used by every consolidate.
+        self.batch_options = dict(
+            target_key=target_key, ignore_index=ignore_index, shift_labels=shift_labels
+        )
+        CurvatureOptions(**self.batch_options)
         if generator is None and fisher == "mc":
             generator = torch.Generator().manual_seed(0)
         self.generator = generator
@@ -187,6 +199,7 @@ class OnlineLaplace:
             separate_bias=self.separate_bias,
             modules=self.modules,
             generator=self.generator,
+            **self.batch_options,
         )
         if self.curvature_type == "diag":
             diag, n = fit_diagonal(self.model, data, self.likelihood, options, progress)

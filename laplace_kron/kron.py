@@ -348,7 +348,9 @@ class KronCurvature:
         fisher: ``"exact"``, ``"mc"`` or ``"empirical"``.
         loss: summed negative log-likelihood at the fitted parameters (``sigma = 1`` for regression).
         sse: summed squared residuals (regression; lets ``sigma`` change without refitting).
-        n_outputs: number of network outputs per datum.
+        n_outputs: number of network outputs per datum (per position for sequence outputs).
+        n_observed: observed scalar targets (ignored / padded ones excluded), the count of the
+            Gaussian evidence; ``None`` (older states): ``num_data * n_outputs``.
     """
 
     blocks: list[KronBlock]
@@ -360,6 +362,12 @@ class KronCurvature:
     sse: float = 0.0
     n_outputs: int = 1
     kind: str = "kfac"
+    n_observed: int | None = None
+
+    @property
+    def observed_targets(self) -> int:
+        """Observed scalar targets: :attr:`n_observed`, or ``num_data * n_outputs`` if unknown."""
+        return self.num_data * self.n_outputs if self.n_observed is None else self.n_observed
 
     def __post_init__(self) -> None:
         covered = [n for b in self.blocks for n in b.param_names]

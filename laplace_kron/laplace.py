@@ -18,6 +18,9 @@ from .posterior import KronPosterior
 
 __all__ = ["KronLaplace"]
 
+# How mapping batches are read; saved with the posterior so that a loaded one reads them alike.
+_BATCH_OPTIONS = ("target_key", "ignore_index", "shift_labels")
+
 
 class KronLaplace(KronPosterior):
     """Post-hoc Laplace approximation with KFAC / EKFAC curvature.
@@ -26,7 +29,7 @@ class KronLaplace(KronPosterior):
     likelihood, curvature="kfac", prior_precision=1.0, sigma_noise=1.0, temperature=1.0,
     **options)`` with the curvature options of :class:`~laplace_kron.curvature.CurvatureOptions`
     (``fisher``, ``mc_samples``, ``weight_sharing``, ``separate_bias``, ``modules``,
-    ``generator``, ``distributed``).
+    ``generator``, ``distributed``, ``target_key``, ``ignore_index``, ``shift_labels``).
 
     Example:
         >>> la = KronLaplace(model, "classification").fit(train_loader)
@@ -80,6 +83,32 @@ class KronLaplace(KronPosterior):
         return predictive.predict(self, x, method=method, link=link, **kw)
 
     # ------------------------------------------------------------------ files
+    def state_dict(self) -> dict:
+        """:meth:`KronPosterior.state_dict` plus the batch options (``target_key``,
+        ``ignore_index``, ``shift_labels``: a loaded posterior reads mapping batches as the fitted
+        one did) and the observed-target count of the Gaussian evidence (``n_observed``)."""
+        state = super().state_dict()
+        opts = self.options
+        state.update(
+            target_key=opts.target_key,
+            ignore_index=opts.ignore_index,
+            shift_labels=opts.shift_labels,
+            n_observed=self.require_fit().observed_targets,
+        )
+        return state
+
+    def load_state_dict(self, state: dict, name: str = "the state") -> KronLaplace:
+        """:meth:`KronPosterior.load_state_dict` and the observed-target count (states without
+        one: ``num_data * n_outputs``, the count before sequence outputs existed)."""
+        n_observed = state.get("n_observed") if isinstance(state, dict) else None
+        if n_observed is not None and (
+            isinstance(n_observed, bool) or not isinstance(n_observed, int) or n_observed < 0
+        ):
+            raise ValueError(f"{name} is malformed: n_observed must be a non-negative integer")
+        super().load_state_dict(state, name)
+        self.curvature.n_observed = n_observed
+        return self
+
     def save(self, path: str | os.PathLike) -> None:
         """Save :meth:`state_dict` to ``path`` (atomically, see :mod:`laplace_kron.io`)."""
         io.save_file(path, self.state_dict(), POSTERIOR_FORMAT)
@@ -101,6 +130,8 @@ class KronLaplace(KronPosterior):
                 separate_bias=state["separate_bias"],
                 modules=[n.rsplit(".", 1)[0] for n in state["param_names"]] or None,
             )
+            # Batch options (files written before they existed hold the defaults).
+            kw.update({k: state[k] for k in _BATCH_OPTIONS if k in state})
             kw.update(kwargs)
             likelihood = state["likelihood"]
         try:

@@ -50,7 +50,7 @@ def log_likelihood(post: KronPosterior, sigma_noise: Tensor | None = None) -> Te
     if post.likelihood != "regression":
         return torch.tensor(-curv.loss / post.temperature, dtype=torch.float64)
     sigma = post.sigma_noise if sigma_noise is None else sigma_noise
-    nd = curv.num_data * curv.n_outputs
+    nd = curv.observed_targets
     return -0.5 * curv.sse / (sigma**2 * post.temperature) - nd * torch.log(
         sigma * math.sqrt(2 * math.pi)
     )
@@ -242,7 +242,7 @@ def _mackay(post: KronPosterior, granularity, n_steps, tune_sigma, tol) -> dict:
     delta = _initial(post, granularity)
     sigma = post.sigma_noise.clone()
     curv = post.require_fit()
-    N_out = curv.num_data * curv.n_outputs
+    N_out = curv.observed_targets
     converged = False
     it = 0
     for step in range(1, n_steps + 1):

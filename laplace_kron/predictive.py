@@ -45,9 +45,10 @@ from .constants import PREDICTIVE_METHODS as METHODS
 from .curvature.batches import (
     BatchSizeFn,
     Inputs,
-    check_inputs,
     checked_forward,
+    group_by_datum,
     input_batch_size,
+    prediction_inputs,
     slice_inputs,
 )
 from .curvature.capture import Capture, LayerSpec, flatten_output
@@ -143,7 +144,7 @@ def _per_example_elements(la: KronPosterior, specs: list[LayerSpec], x: Inputs, 
         C = f[0].numel()
         total = 0
         for s in specs:
-            T = sum(flatten_output(s.module, o).shape[1] for o in s.outputs)
+            T = sum(flatten_output(s.module, o).shape[:2].numel() for o in s.outputs)
             total += T * (C * s.d_out + 2 * (s.d_in + 1)) + C * C
         cap.clear()
     return max(total, 1)
@@ -277,7 +278,7 @@ def _glm(
     """:func:`glm_moments` plus the model output shape ``[B, ...]``."""
     check_predictable(la)
     check_differentiable("the GLM predictive")
-    check_inputs(x)
+    x = prediction_inputs(x, la.options.target_key)
     positive_int("chunk_size", chunk_size)
     B = input_batch_size(x, batch_size_fn)
     specs, plans = _plans(la)
@@ -298,7 +299,10 @@ def _glm(
             if not torch.isfinite(f2).all():
                 raise ValueError("the network output contains NaN or Inf for finite inputs")
             grads, vectorize = _output_gradients(cap, specs, f2, vectorize)
-            inputs = [cap.layer_inputs(s) for s in specs]
+            # Layers that see the positions flattened into the batch axis: per datum.
+            b = stop - start
+            grads = [group_by_datum(g, b, s.name, lead=1) for g, s in zip(grads, specs)]
+            inputs = [group_by_datum(cap.layer_inputs(s), b, s.name) for s in specs]
             cap.clear()
         with torch.no_grad():
             acc = None
@@ -382,7 +386,9 @@ def predict(
     """Posterior predictive of ``la`` at inputs ``x``.
 
     Args:
-        x: a tensor ``[B, ...]`` or a mapping of tensors passed to the model as ``model(x)``.
+        x: a tensor ``[B, ...]`` or a mapping of tensors (a Hugging Face batch; its targets under
+            the posterior's ``target_key`` are dropped), passed to the model as in
+            :func:`~laplace_kron.curvature.batches.model_arguments`.
         method: ``"glm"`` (linearized, closed-form covariance), ``"glm_mc"`` (linearized model at
             posterior samples, forward-mode JVPs) or ``"nn"`` (network at posterior samples).
         link: for ``glm`` classification: ``"probit"``, ``"centered_probit"`` (probit after
@@ -398,8 +404,15 @@ def predict(
             for models vmap cannot trace.
 
     Returns:
-        classification: probabilities ``[B, C]``; binary: ``P(y=1)`` ``[B]``; regression: ``(mean,
-        var)`` in the model's output shape with ``var = functional variance + sigma_noise^2``.
+        classification: probabilities ``[B, ..., C]`` (one distribution per position of a
+        ``[B, T, C]`` output, from that position's ``C x C`` covariance block); binary:
+        ``P(y=1)`` ``[B]`` for one logit per datum, else in the output shape (multi-label);
+        regression: ``(mean, var)`` in the output shape with ``var = functional variance +
+        sigma_noise^2``. Outputs are per datum: a model that flattens ``[B, T, C]`` to
+        ``[B*T, C]`` gets ``[B, T, C]``. The links ``mc``, ``bridge`` and ``centered_probit``
+        need each position's full ``C x C`` block; they compute the joint covariance of all
+        ``T C`` outputs of a datum (``B (T C)^2`` numbers per input chunk) and keep its diagonal
+        blocks, ``probit`` only the diagonal (``B T C``).
     """
     _validate(method, link, n_samples, chunk_size)
     la.require_fit()
@@ -409,30 +422,51 @@ def predict(
     if method == "glm":
         full = lik == "classification" and link in ("mc", "bridge", "centered_probit")
         mu, S, shape = _glm(la, x, not full, chunk_size, batch_size, batch_size_fn, vectorize)
-        B = shape[0]
         if lik == "regression":
             var = S + la.sigma_noise.to(S.dtype) ** 2
             return mu.reshape(shape), var.reshape(shape)
-        if lik == "binary":
-            mu, var = mu.reshape(B), S.reshape(B)
+        if lik == "binary":  # independent labels: the diagonal is all that matters
+            mu, var = mu.reshape(-1), S.reshape(-1)
             if link in ("probit", "centered_probit"):  # one logit: nothing to centre
-                return probit(mu, var, binary=True)
-            z = torch.randn(n_samples, B, generator=generator, dtype=mu.dtype).to(mu.device)
-            return torch.sigmoid(mu + var.sqrt() * z).mean(0)
+                return _binary_shape(probit(mu, var, binary=True), shape)
+            z = torch.randn(n_samples, *mu.shape, generator=generator, dtype=mu.dtype)
+            return _binary_shape(torch.sigmoid(mu + var.sqrt() * z.to(mu.device)).mean(0), shape)
+        mu, S = _per_position(mu, S, shape[-1])
         if link == "probit":
-            return probit(mu, S)
-        if link == "bridge":
-            return laplace_bridge(mu, S)
-        if link == "centered_probit":
-            return centered_probit(mu, S)
-        return torch.softmax(gaussian_samples(mu, S, n_samples, generator), -1).mean(0)
+            p = probit(mu, S)
+        elif link == "bridge":
+            p = laplace_bridge(mu, S)
+        elif link == "centered_probit":
+            p = centered_probit(mu, S)
+        else:
+            p = torch.softmax(gaussian_samples(mu, S, n_samples, generator), -1).mean(0)
+        return p.reshape(shape)
     samples, shape = _samples(
         la, x, method, n_samples, generator, chunk_size, batch_size_fn, vectorize
     )
     if lik == "classification":
-        return torch.softmax(samples, -1).mean(0)
+        per_position = samples.reshape(samples.shape[0], -1, shape[-1])
+        return torch.softmax(per_position, -1).mean(0).reshape(shape)
     if lik == "binary":
-        return torch.sigmoid(samples).mean(0).reshape(shape[0])
+        return _binary_shape(torch.sigmoid(samples).mean(0), shape)
     mean = samples.mean(0)
     var = samples.var(0, correction=0) + la.sigma_noise.to(samples.dtype) ** 2
     return mean.reshape(shape), var.reshape(shape)
+
+
+def _binary_shape(p: Tensor, shape: torch.Size) -> Tensor:
+    """``P(y = 1)`` as ``[B]`` for one logit per datum (as before), else in the output shape."""
+    return p.reshape(shape[0]) if shape[1:].numel() == 1 else p.reshape(shape)
+
+
+def _per_position(mu: Tensor, S: Tensor, C: int) -> tuple[Tensor, Tensor]:
+    """Per-datum logits ``[B, R C]`` (``R`` positions of ``C`` classes) and their covariance
+    (diagonal ``[B, R C]`` or full ``[B, R C, R C]``) as ``R B`` independent positions: ``[B R,
+    C]`` and ``[B R, C]`` / the ``C x C`` diagonal blocks ``[B R, C, C]`` (the softmax of a
+    position sees only its own block)."""
+    B, RC = mu.shape
+    R = RC // C
+    if S.ndim == 2:
+        return mu.reshape(B * R, C), S.reshape(B * R, C)
+    blocks = S.reshape(B, R, C, R, C).diagonal(dim1=1, dim2=3)  # [B, C, C, R]
+    return mu.reshape(B * R, C), blocks.permute(0, 3, 1, 2).reshape(B * R, C, C)

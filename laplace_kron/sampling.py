@@ -56,14 +56,15 @@ def parameter_sample_outputs(
     check_predictable(post)
     if method == "glm_mc":
         check_differentiable("method='glm_mc'")
-    batches.check_inputs(x)
+    x = batches.prediction_inputs(x, post.options.target_key)
     B = batches.input_batch_size(x, batch_size_fn)
     model = post.model
     params = dict(model.named_parameters())
     mean_params = {n: params[n].detach() for n in post.param_names}
+    args, kwargs = batches.model_arguments(model, x)
 
     def call(p: dict[str, Tensor]) -> Tensor:
-        return functional_call(model, p, (x,))
+        return batches.model_output(functional_call(model, p, args, kwargs))
 
     def one(theta: Tensor) -> Tensor:  # theta [P] -> output of one sample
         if method == "glm_mc":

@@ -213,8 +213,10 @@ def test_checked_forward_and_predict_inputs():
         batches.checked_forward(model, torch.ones(5, 3), i=4)
     with pytest.raises(ValueError, match="output has shape \\(5, 2\\) but the inputs hold 4"):
         batches.checked_forward(nn.Linear(3, 2), torch.ones(5, 3), num_data=4)
-    with pytest.raises(TypeError, match="must return a tensor, got tuple"):
-        batches.checked_forward(lambda x: (x, x), torch.ones(1, 3))
+    # Tuples give their first element (Hugging Face return_dict=False); a mapping needs 'logits'.
+    assert batches.checked_forward(lambda x: (x + 1, x), torch.ones(1, 3)).sum() == 6
+    with pytest.raises(TypeError, match="must return a tensor.*'logits'.*got dict"):
+        batches.checked_forward(lambda x: {"out": x}, torch.ones(1, 3))
     with pytest.raises(TypeError, match="mapping of tensors"):
         batches.check_inputs([torch.ones(2)])
     with pytest.raises(ValueError, match="inputs contain NaN or Inf"):

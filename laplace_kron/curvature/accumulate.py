@@ -9,6 +9,20 @@ For a layer with inputs ``a [B, T, d_in]`` and output-gradients ``g [K, B, T, d_
   ``A = 1/N sum_n abar abar^T`` with ``abar = mean_t a``,  ``G = sum_{k,n} gsum gsum^T`` with
   ``gsum = sum_t g``.
 
+``N`` is the number of input examples (the inputs' leading dimension), whatever the output's
+shape: a layer that sees ``N R`` rows (positions flattened into the batch axis) is read as ``N``
+data of ``R T`` positions (:func:`~laplace_kron.curvature.batches.group_by_datum`), so a model
+that flattens ``[N, T, C]`` logits to ``[N*T, C]`` gets the same curvature as the unflattened one.
+
+**Padding.** With an ``attention_mask [N, T]`` in the inputs, a layer whose position count is
+``T`` (the sequence axis) sees only the ``T_n`` valid positions of datum ``n``: KFAC-expand uses
+``A = 1/N sum_n 1/T_n sum_{t valid} a a^T``, KFAC-reduce ``abar = 1/T_n sum_{t valid} a``, and the
+output-gradients of padded positions are zeroed (for ``G`` and EKFAC). A padded batch therefore
+gives the curvature of its sequences fitted unpadded. Layers with another position count (e.g. a
+classifier head on a pooled ``[N, d]`` vector, or a strided layer) are left as they are.
+Targets that are ``ignore_index`` or padding get zero output-gradient vectors (no ``G``, no
+log-likelihood, no count); their positions' inputs still enter ``A`` (they feed later positions).
+
 Without weight sharing (``T = 1``) both agree and, for a single datum with the exact Fisher, equal
 the exact GGN block. EKFAC keeps the KFAC eigenbasis ``Q_G (x) Q_A`` and replaces its eigenvalues
 by ``E[i, j] = sum_{k,n} (Q_G^T grad_{k,n} Q_A)[i, j]^2`` where ``grad_{k,n} = sum_t g a^T`` is the
@@ -24,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from ..kron import KronBlock
-from .batches import forward_batch, is_empty
+from .batches import FitBatch, forward_batch, group_by_datum, is_empty, mask_padding
 from .capture import Capture, LayerSpec, Workspace, native_to_weight_order
 from .gram import gram_lower_, mirror_, per_example_sq
 from .likelihoods import (
@@ -65,44 +79,72 @@ class FactorAccumulator:
         self._work.clear()
 
     # ------------------------------------------------------------------------- first pass
+    def _forward(self, x, y, i: int) -> FitBatch:
+        o = self.options
+        return forward_batch(
+            self.model,
+            x,
+            y,
+            self.likelihood,
+            self.state.device,
+            i,
+            ignore_index=o.ignore_index,
+            shift_labels=o.shift_labels,
+        )
+
+    def _inputs(self, cap: Capture, spec: LayerSpec, N: int) -> Tensor:
+        a = cap.layer_inputs(spec, native=True, workspace=self._work)
+        return group_by_datum(a, N, spec.name)
+
     def add_kfac(self, x, y, i: int = 0) -> None:
         """Add one batch to the KFAC factors (first pass); an empty batch adds nothing."""
         if is_empty(y):
             return
         st = self.state
         with Capture(self.specs) as cap:
-            fc, yc = forward_batch(self.model, x, y, self.likelihood, st.device, i)
+            b = self._forward(x, y, i)
             with torch.no_grad():
                 for li, spec in enumerate(self.specs):
                     if spec.has_weight:
-                        a = cap.layer_inputs(spec, native=True, workspace=self._work)
-                        self._add_A(li, a)
-            closed = self._closed_form_G(fc)
+                        self._add_A(li, self._inputs(cap, spec, b.num_data), b.positions)
+            closed = self._closed_form_G(b)
             # One output-gradient vector at a time: G needs only sums over vectors.
-            for grads in self._output_gradients(cap, fc, yc):
+            for grads in self._output_gradients(cap, b):
                 with torch.no_grad():
                     for li, g in enumerate(grads):
                         if li not in closed:
                             self._add_G(li, g)
         with torch.no_grad():
-            nll, sse = nll_sum(fc, yc, self.likelihood)
+            nll, sse = nll_sum(b.f, b.y, self.likelihood, b.keep)
             st.loss += float(nll)
             st.sse += float(sse)
-            st.n_outputs = fc.shape[1]
-            st.num_data += fc.shape[0]
+            st.n_outputs = b.f.shape[1]
+            st.num_data += b.num_data
+            st.n_observed += b.observed()
 
-    def _output_gradients(self, cap: Capture, fc: Tensor, yc: Tensor) -> Iterator[list[Tensor]]:
-        """Per output-gradient vector, the layers' output-gradients ``[1, B, T, d_out]``; the
-        vectors are drawn in chunks (:func:`iter_output_gradient_vectors`)."""
+    def _output_gradients(self, cap: Capture, b: FitBatch) -> Iterator[list[Tensor]]:
+        """Per output-gradient vector, the layers' output-gradients ``[1, N, T, d_out]`` (grouped
+        by datum, padded positions zeroed); the vectors are drawn in chunks
+        (:func:`iter_output_gradient_vectors`) and vanish at unobserved targets."""
         o = self.options
         chunks = iter_output_gradient_vectors(
-            fc, yc, self.likelihood, o.fisher, o.mc_samples, self.state.generator
+            b.f, b.y, self.likelihood, o.fisher, o.mc_samples, self.state.generator
         )
+
+        def grouped(vectors: Tensor, retain: bool) -> Iterator[list[Tensor]]:
+            if b.keep is not None:
+                vectors = vectors * b.keep
+            for grads in cap.iter_output_gradients(b.f, vectors, retain_graph=retain):
+                yield [
+                    mask_padding(group_by_datum(g, b.num_data, s.name, lead=1), b.positions)
+                    for g, s in zip(grads, self.specs, strict=True)
+                ]
+
         vectors = next(chunks)
         for following in chunks:
-            yield from cap.iter_output_gradients(fc, vectors, retain_graph=True)
+            yield from grouped(vectors, True)
             vectors = following
-        yield from cap.iter_output_gradients(fc, vectors)
+        yield from grouped(vectors, False)
 
     def _output_layers(self, f: Tensor) -> set[int]:
         """Layers whose output *is* the network output ``f``, when the exact Fisher makes their
@@ -116,19 +158,23 @@ class FactorAccumulator:
             if len(spec.outputs) == 1 and spec.outputs[0] is f
         }
 
-    def _closed_form_G(self, f: Tensor) -> set[int]:
-        """Add ``G = sum_n H_n`` of the :meth:`_output_layers` (:func:`loss_hessian_sum`,
-        ``O(B C^2)`` per batch instead of ``O(B C^3)`` from ``C`` vectors); returns them."""
-        done = self._output_layers(f)
+    def _closed_form_G(self, b: FitBatch) -> set[int]:
+        """Add ``G = sum_n H_n`` over the observed rows of the :meth:`_output_layers`
+        (:func:`loss_hessian_sum`, ``O(B C^2)`` per batch instead of ``O(B C^3)`` from ``C``
+        vectors); returns them."""
+        done = self._output_layers(b.f)
         G_sum = self.state.G_sum
         with torch.no_grad():
+            f = b.f.detach() if b.keep is None else b.f.detach()[b.keep[:, 0] > 0]
             for li in done:
-                H = loss_hessian_sum(f.detach(), self.likelihood)
+                H = loss_hessian_sum(f, self.likelihood)
                 G_sum[li] = H if G_sum[li] is None else G_sum[li].add_(H)
         return done
 
-    def _add_A(self, li: int, a: Tensor) -> None:
-        """Add ``sum a a^T`` (``1/T`` times for KFAC-expand) of one batch, ``a [B, T, d_in]``.
+    def _add_A(self, li: int, a: Tensor, positions: Tensor | None = None) -> None:
+        """Add ``sum a a^T`` (``1/T`` times for KFAC-expand) of one batch, ``a [N, T, d_in]``;
+        with padding (``positions [N, T]``, for layers with the mask's ``T``) ``1/T_n`` times the
+        valid positions' products (expand) or the products of their means (reduce).
 
         ``a`` carries the ones column of a joint bias and its columns are in
         :func:`native_patches` order: the product is formed in that order and permuted to weight
@@ -139,7 +185,16 @@ class FactorAccumulator:
         A_sum = self.state.A_sum
         T, d = a.shape[1], a.shape[2]
         idx = self._orders[li]
-        if self.options.weight_sharing == "expand":
+        expand = self.options.weight_sharing == "expand"
+        if positions is not None and positions.shape[1] == T:
+            # w[n, t] = mask / T_n: expand sums w a a^T, reduce forms abar_n = sum_t w a.
+            w = (positions / positions.sum(1, keepdim=True).clamp_min(1)).to(a.dtype)
+            if expand:
+                rows = (a * w.sqrt().unsqueeze(-1)).reshape(-1, d)
+            else:
+                rows = (a * w.unsqueeze(-1)).sum(1)
+            scale = 1.0
+        elif expand:
             rows = a.reshape(-1, d) if T == 1 or a.is_contiguous() else None
             scale = 1.0 / T
         else:
@@ -181,11 +236,12 @@ class FactorAccumulator:
         if is_empty(y):
             return
         with Capture(self.specs) as cap:
-            fc, yc = forward_batch(self.model, x, y, self.likelihood, self.state.device, i)
+            fb = self._forward(x, y, i)
+            fc = fb.f
             with torch.no_grad():
                 rotated = []  # a Q_A per block, computed once for all output-gradient vectors
                 for li, spec in enumerate(self.specs):
-                    a = cap.layer_inputs(spec, native=True, workspace=self._work)
+                    a = self._inputs(cap, spec, fb.num_data)
                     rotated.append(
                         [self._rotate_inputs(li, j, a, b) for j, b in enumerate(bases[li])]
                     )
@@ -197,8 +253,10 @@ class FactorAccumulator:
                         u = loss_hessian_diag_in_basis(
                             fc.detach(), self.likelihood, b.eig_G.vectors
                         )
+                        if fb.keep is not None:  # unobserved rows add nothing
+                            u = u * fb.keep
                         corr[li][j] = u.T @ rotated[li][j][:, 0].square()
-            for grads in self._output_gradients(cap, fc, yc):
+            for grads in self._output_gradients(cap, fb):
                 with torch.no_grad():
                     for li, g in enumerate(grads):
                         if li in closed:

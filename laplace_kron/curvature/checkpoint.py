@@ -139,6 +139,7 @@ def fit_settings(
         "fisher": options.fisher,
         "mc_samples": options.mc_samples,
         "weight_sharing": options.weight_sharing,
+        "targets": [options.target_key, options.ignore_index, options.shift_labels],
         "dtype": str(dtype),
         "world_size": dist_utils.get_world_size() if distributed else 1,
         "rank": dist_utils.get_rank() if distributed else 0,

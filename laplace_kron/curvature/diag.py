@@ -17,7 +17,14 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from .batches import forward_batch, is_empty, iter_batches, warn_if_train_mode
+from .batches import (
+    forward_batch,
+    group_by_datum,
+    is_empty,
+    iter_batches,
+    mask_padding,
+    warn_if_train_mode,
+)
 from .capture import Capture, select_layers
 from .gram import per_example_sq
 from .likelihoods import check_likelihood, output_gradient_vectors
@@ -52,16 +59,29 @@ def fit_diagonal(
     sums: list[Tensor | None] = [None] * len(specs)
     bias_sums: list[Tensor | None] = [None] * len(specs)
     num = 0
-    for i, x, y in iter_batches(data, progress, "DIAG"):
+    o = options
+    for i, x, y in iter_batches(data, progress, "DIAG", o.target_key):
         if is_empty(y):
             continue
         with Capture(specs) as cap:
-            fc, yc = forward_batch(model, x, y, likelihood, device, i)
-            S = output_gradient_vectors(
-                fc, yc, likelihood, options.fisher, options.mc_samples, options.generator
+            b = forward_batch(
+                model,
+                x,
+                y,
+                likelihood,
+                device,
+                i,
+                ignore_index=o.ignore_index,
+                shift_labels=o.shift_labels,
             )
-            grads = cap.output_gradients(fc, S)
-            inputs = [cap.layer_inputs(spec) for spec in specs]
+            S = output_gradient_vectors(b.f, b.y, likelihood, o.fisher, o.mc_samples, o.generator)
+            if b.keep is not None:  # unobserved targets add nothing
+                S = S * b.keep
+            grads = [
+                mask_padding(group_by_datum(g, b.num_data, s.name, 1), b.positions)
+                for g, s in zip(cap.output_gradients(b.f, S), specs, strict=True)
+            ]
+            inputs = [group_by_datum(cap.layer_inputs(s), b.num_data, s.name) for s in specs]
         with torch.no_grad():
             for li, (spec, a, g) in enumerate(zip(specs, inputs, grads)):
                 if spec.has_weight:
@@ -70,7 +90,7 @@ def fit_diagonal(
                 if spec.has_bias and not spec.joint:
                     sq = (g.sum(dim=2) ** 2).sum(dim=(0, 1))
                     bias_sums[li] = sq if bias_sums[li] is None else bias_sums[li] + sq
-        num += fc.shape[0]
+        num += b.num_data
     if num == 0:
         raise ValueError("no data was seen: the data iterable is empty")
     diag: dict[str, Tensor] = {}

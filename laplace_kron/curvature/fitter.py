@@ -21,7 +21,7 @@ from .. import distributed as dist_utils
 from ..constants import POSTERIOR_CURVATURES
 from ..kron import KronBlock, KronCurvature
 from .accumulate import FactorAccumulator
-from .batches import iter_batches, num_targets, warn_if_train_mode
+from .batches import fit_batch_size, iter_batches, warn_if_train_mode
 from .capture import LayerSpec, select_layers
 from .checkpoint import Checkpoint, check_resumed_data, fit_settings
 from .likelihoods import check_likelihood
@@ -252,9 +252,10 @@ class CurvatureFitter:
         saved_count, saved_fp = (st.pass_data, st.resume_fingerprint) if start else (0, None)
         st.start_pass(pass_name)
         i = -1
-        for i, x, y in iter_batches(data, progress, pass_name.upper()):
+        batches = iter_batches(data, progress, pass_name.upper(), self.options.target_key)
+        for i, x, y in batches:
             if i < start:
-                st.pass_data += num_targets(y)
+                st.pass_data += fit_batch_size(x, y)
                 if i == start - 1:
                     check_resumed_data(saved_count, st.pass_data, saved_fp, x, y, start)
                 continue
@@ -262,7 +263,7 @@ class CurvatureFitter:
                 self._accumulator.add_kfac(x, y, i)
             else:
                 self._accumulator.add_ekfac(x, y, bases, i)
-            st.record_batch(x, y, num_targets(y), i)
+            st.record_batch(x, y, fit_batch_size(x, y), i)
             if ckpt is not None and (i + 1) % ckpt.every == 0:
                 ckpt.save(settings, st)
         if i + 1 < start:
@@ -302,12 +303,15 @@ kfac = _entry(
     Args:
         model: the network at its MAP parameters; outputs ``[B, C]`` (``[B]`` for binary or
             one-output regression).
-        data: iterable of ``(inputs, targets)`` batches, e.g. a DataLoader.
+        data: iterable of ``(inputs, targets)`` batches or mappings holding the targets under
+            ``target_key`` (e.g. a DataLoader of Hugging Face batches); see
+            :mod:`laplace_kron.curvature.batches`.
         likelihood: ``"classification"`` (softmax cross-entropy, integer targets ``[B]``),
             ``"regression"`` (Gaussian, stored for ``sigma = 1``) or ``"binary"`` (sigmoid).
         fisher, mc_samples, **options: the curvature options (:class:`CurvatureOptions`:
             ``fisher``, ``mc_samples``, ``weight_sharing``, ``separate_bias``, ``modules``,
-            ``generator``, ``distributed``); an unknown option is a ``TypeError``.
+            ``generator``, ``distributed``, ``target_key``, ``ignore_index``,
+            ``shift_labels``); an unknown option is a ``TypeError``.
         progress: show a tqdm progress bar.
         checkpoint: file to save the accumulation to every ``checkpoint_every`` batches (default
             100) and to resume from; deleted after success (see :class:`CurvatureFitter`).

@@ -10,10 +10,12 @@ likelihood          ``H_f``                    exact square root (columns)      
 =================  =========================  ================================  ====================
 classification      ``diag(p) - p p^T``        ``diag(sqrt p) - p sqrt(p)^T``    ``p - onehot(y~p)``
 regression (s=1)    ``I``                      ``I``                             ``eps ~ N(0, I)``
-binary              ``s (1 - s)``              ``sqrt(s (1 - s))``               ``s - Bernoulli(s)``
+binary              ``diag(s (1 - s))``        ``diag(sqrt(s (1 - s)))``         ``s - Bernoulli(s)``
 =================  =========================  ================================  ====================
 
-with ``p = softmax(f)`` and ``s = sigmoid(f)``. MC vectors are scaled by ``1 / sqrt(mc_samples)``
+with ``p = softmax(f)`` and ``s = sigmoid(f)`` (binary: ``C`` independent labels, soft targets in
+``[0, 1]`` allowed; the exact and MC Fisher do not depend on the targets, the empirical one
+uses ``s - y``). MC vectors are scaled by ``1 / sqrt(mc_samples)``
 so that their outer products average to ``H_f``. The empirical Fisher uses the observed-label
 gradient ``d loss / d f``. Regression curvature is stored for ``sigma = 1``.
 """
@@ -50,11 +52,46 @@ def check_fisher(fisher: str, mc_samples: int) -> None:
         raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}")
 
 
-def prepare_targets(f: Tensor, y: Tensor, likelihood: str) -> tuple[Tensor, Tensor]:
-    """Validate ``(f, y)`` for the likelihood and return them in canonical shapes.
+def _shift(f: Tensor, y: Tensor, positions: Tensor | None):
+    """``f[:, :-1]``, ``y[:, 1:]`` and the mask of the targets ``positions[:, 1:]``."""
+    if f.ndim < 3 or y.ndim < 2:
+        raise ValueError(
+            f"shift_labels=True needs outputs [batch, positions, ...] and targets [batch, "
+            f"positions, ...], got outputs {tuple(f.shape)} and targets {tuple(y.shape)}"
+        )
+    return f[:, :-1], y[:, 1:], None if positions is None else positions[:, 1:]
 
-    Returns ``f [B, C]`` and ``y``: ``[B]`` long class indices (classification), ``[B, C]`` float
-    (regression and binary, ``C = 1`` for binary).
+
+def _observed(f: Tensor, y: Tensor, ignored: Tensor | None, positions: Tensor | None) -> Tensor:
+    """Observed targets ``[B, ...]`` (shaped like ``y``): not ``ignored`` and, for outputs
+    ``[B, T, C]`` whose position axis has the attention mask's length, not padding."""
+    obs = torch.ones(y.shape, dtype=torch.bool, device=y.device) if ignored is None else ~ignored
+    if positions is not None and f.ndim == 3 and f.shape[1] == positions.shape[1]:
+        pad = positions == 0
+        obs = obs & ~(pad if obs.ndim == 2 else pad.unsqueeze(-1))
+    return obs
+
+
+def prepare_targets(
+    f: Tensor,
+    y: Tensor,
+    likelihood: str,
+    ignore_index: int = -100,
+    shift_labels: bool = False,
+    positions: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Validate ``(f, y)`` for the likelihood and return them as rows with their observed weights.
+
+    ``f [B, ..., C]`` (class / output axis last; ``[B]`` is one output), ``y``: classification
+    ``[B, ...]`` integer classes, regression and binary (multi-label, soft targets in ``[0, 1]``)
+    shaped like ``f`` (or like ``f[..., 0]`` for one output). ``ignore_index`` targets
+    (classification, binary) and, for ``[B, T, C]`` outputs, positions where ``positions [B, T]``
+    (the attention mask, shifted with the targets) is 0 are not observed. ``shift_labels`` pairs
+    ``f[:, :-1]`` with ``y[:, 1:]``.
+
+    Returns ``f [M, C]`` (``f`` itself when it is ``[B, C]``), ``y`` ``[M]`` long class indices
+    (ignored ones set to 0) or ``[M, C]`` floats, and ``keep``: ``None`` when every target is
+    observed, else 0/1 weights ``[M, 1]`` (classification, regression) or ``[M, C]`` (binary).
     """
     if not isinstance(y, Tensor):
         raise TypeError(f"targets must be a torch.Tensor, got {type(y).__name__}")
@@ -64,70 +101,83 @@ def prepare_targets(f: Tensor, y: Tensor, likelihood: str) -> tuple[Tensor, Tens
             f"targets have batch size {tuple(y.shape)[:1]} but the model output has {B}; "
             "each batch must be (inputs, targets) with matching first dimensions"
         )
+    if shift_labels:
+        f, y, positions = _shift(f, y, positions)
     if likelihood == "classification":
-        if f.ndim != 2:
+        if f.ndim < 2:
             raise ValueError(
-                f"classification expects model outputs of shape [batch, classes], got "
+                "classification expects model outputs of shape [batch, ..., classes], got "
                 f"{tuple(f.shape)}"
             )
-        if y.ndim != 1 or y.dtype.is_floating_point or y.dtype == torch.bool:
+        if y.dtype.is_floating_point or y.dtype == torch.bool or y.shape != f.shape[:-1]:
             raise ValueError(
-                "classification targets must be integer class indices of shape [batch], got "
-                f"dtype {y.dtype} and shape {tuple(y.shape)} (one-hot targets: use y.argmax(-1))"
+                f"classification targets must be integer class indices shaped like the outputs "
+                f"without their class axis, {tuple(f.shape[:-1])}; got dtype {y.dtype} and shape "
+                f"{tuple(y.shape)} (one-hot targets: use y.argmax(-1))"
             )
-        C = f.shape[1]
-        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= C):
+        C = f.shape[-1]
+        obs = _observed(f, y, y == ignore_index, positions)
+        seen = y[obs]
+        if seen.numel() and (int(seen.min()) < 0 or int(seen.max()) >= C):
             raise ValueError(
                 f"classification targets must lie in [0, {C - 1}] for a model with {C} outputs, "
-                f"got values in [{int(y.min())}, {int(y.max())}]"
+                f"got values in [{int(seen.min())}, {int(seen.max())}] (ignore_index="
+                f"{ignore_index} marks positions without a target)"
             )
-        return f, y.long()
-    if likelihood == "regression":
-        if f.ndim == 1:
-            f = f.unsqueeze(1)
-        if f.ndim != 2:
-            raise ValueError(
-                f"regression expects model outputs of shape [batch, outputs], got {tuple(f.shape)}"
-            )
-        yy = y.unsqueeze(1) if y.ndim == 1 else y
-        if yy.shape != f.shape:
-            raise ValueError(
-                f"regression targets of shape {tuple(y.shape)} do not fit model outputs of shape "
-                f"{tuple(f.shape)}; they must have the same shape (or [batch] for one output)"
-            )
-        if not y.dtype.is_floating_point:
-            yy = yy.to(f.dtype)
-        return f, yy.to(f.dtype)
-    # binary
-    if f.ndim == 1:
-        f = f.unsqueeze(1)
-    if f.ndim != 2 or f.shape[1] != 1:
-        raise ValueError(
-            f"binary classification expects one logit per datum ([batch] or [batch, 1]), got model "
-            f"outputs of shape {tuple(f.shape)}; for several classes use likelihood='classification'"
+        rows = f if f.ndim == 2 else f.reshape(-1, C)
+        yy = torch.where(obs, y, torch.zeros_like(y)).reshape(-1).long()
+        keep = None if bool(obs.all()) else obs.reshape(-1, 1).to(f.dtype)
+        return rows, yy, keep
+    f1 = f.unsqueeze(-1) if f.ndim == 1 else f
+    yy = y.unsqueeze(-1) if y.shape == f1.shape[:-1] and f1.shape[-1] == 1 else y
+    if yy.shape != f1.shape:
+        hint = (
+            "; for one class per datum out of several use likelihood='classification'"
+            if likelihood == "binary"
+            else ""
         )
-    yy = y.reshape(-1, 1) if y.ndim == 1 or (y.ndim == 2 and y.shape[1] == 1) else None
-    if yy is None:
         raise ValueError(
-            f"binary targets must have shape [batch] or [batch, 1], got {tuple(y.shape)}"
+            f"{likelihood} targets of shape {tuple(y.shape)} do not fit model outputs of shape "
+            f"{tuple(f.shape)}; they must have the same shape (or [batch] for one output){hint}"
         )
-    if yy.numel() and not torch.all((yy == 0) | (yy == 1)):
-        raise ValueError("binary targets must be 0 or 1")
-    return f, yy.to(f.dtype)
+    C = f1.shape[-1]
+    if likelihood == "regression":  # every real value is a target: no ignore_index
+        obs = _observed(f1, yy[..., 0], None, positions).unsqueeze(-1)
+    else:
+        obs = _observed(f1, yy, yy == ignore_index, positions)
+        seen = yy[obs]
+        if seen.numel() and not torch.all((seen >= 0) & (seen <= 1)):
+            raise ValueError(
+                "binary targets must be 0 or 1, or probabilities in [0, 1] (soft labels); "
+                f"ignore_index={ignore_index} marks entries without a target"
+            )
+    rows = f1 if f1.ndim == 2 and f1 is f else f1.reshape(-1, C)
+    yy = torch.where(obs, yy, torch.zeros_like(yy)) if not bool(obs.all()) else yy
+    keep = None if bool(obs.all()) else obs.reshape(-1, obs.shape[-1]).to(f.dtype)
+    return rows, yy.reshape(-1, C).to(f.dtype), keep
 
 
-def nll_sum(f: Tensor, y: Tensor, likelihood: str) -> tuple[Tensor, Tensor]:
-    """Summed negative log-likelihood and summed squared residuals (regression, ``sigma = 1``).
+def nll_sum(f: Tensor, y: Tensor, likelihood: str, keep: Tensor | None = None):
+    """Summed negative log-likelihood and summed squared residuals (regression, ``sigma = 1``) of
+    the observed targets (``keep``: weights of :func:`prepare_targets`, ``None``: all).
 
     Returns ``(nll, sse)``; ``sse`` is zero for classification.
     """
     zero = f.new_zeros(())
+    if keep is None:
+        if likelihood == "classification":
+            return F.cross_entropy(f, y, reduction="sum"), zero
+        if likelihood == "binary":
+            return F.binary_cross_entropy_with_logits(f, y, reduction="sum"), zero
+        sse = ((f - y) ** 2).sum()
+        return 0.5 * sse + 0.5 * f.numel() * math.log(2 * math.pi), sse
     if likelihood == "classification":
-        return F.cross_entropy(f, y, reduction="sum"), zero
+        return (F.cross_entropy(f, y, reduction="none") * keep[:, 0]).sum(), zero
     if likelihood == "binary":
-        return F.binary_cross_entropy_with_logits(f, y, reduction="sum"), zero
-    sse = ((f - y) ** 2).sum()
-    return 0.5 * sse + 0.5 * f.numel() * math.log(2 * math.pi), sse
+        return (F.binary_cross_entropy_with_logits(f, y, reduction="none") * keep).sum(), zero
+    sse = ((f - y) ** 2 * keep).sum()
+    n = keep.sum() * f.shape[1]
+    return 0.5 * sse + 0.5 * n * math.log(2 * math.pi), sse
 
 
 def loss_hessian_sum(f: Tensor, likelihood: str) -> Tensor:
@@ -208,8 +258,8 @@ def output_gradient_vectors(
         if likelihood == "regression":
             eye = torch.eye(C, dtype=f.dtype, device=f.device)
             return eye.unsqueeze(1).expand(C, B, C).clone()
-        s = torch.sigmoid(f)
-        return (s * (1 - s)).sqrt().unsqueeze(0)
+        s = torch.sigmoid(f)  # H = diag(s (1 - s)): vector k is e_k sqrt(s_k (1 - s_k))
+        return torch.diag_embed((s * (1 - s)).sqrt()).permute(1, 0, 2)
     if fisher == "empirical":
         if likelihood == "classification":
             return (torch.softmax(f, -1) - F.one_hot(y, C).to(f.dtype)).unsqueeze(0)
@@ -230,7 +280,7 @@ def output_gradient_vectors(
     else:
         s = torch.sigmoid(fg)
         draws = torch.bernoulli(
-            s.unsqueeze(0).expand(mc_samples, B, 1).contiguous(), generator=generator
+            s.unsqueeze(0).expand(mc_samples, B, C).contiguous(), generator=generator
         )
         out = (s.unsqueeze(0) - draws) * scale
     return out.to(f.device)

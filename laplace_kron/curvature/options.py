@@ -33,6 +33,15 @@ class CurvatureOptions:
             fits are reproducible).
         distributed: ``None`` (all-reduce across ranks when ``torch.distributed`` is initialised
             with several ranks), ``True`` (require it) or ``False`` (rank-local fit).
+        target_key: the key of the targets in a mapping batch (a dict, ``UserDict`` or Hugging
+            Face ``BatchEncoding``); the other entries are the model's inputs.
+        ignore_index: target value that marks positions without a target (classification and
+            binary): they add nothing to the curvature, the log-likelihood or any count.
+        shift_labels: align the outputs at position ``t`` with the targets at ``t + 1``
+            (``f[:, :-1]`` with ``y[:, 1:]``), as a causal language model's loss does.
+
+    See :mod:`laplace_kron.curvature.batches` for how batches, outputs, targets and padding
+    (``attention_mask``) are read.
     """
 
     fisher: str = "mc"
@@ -42,6 +51,9 @@ class CurvatureOptions:
     modules: None | str | Sequence[str | nn.Module] = None
     generator: torch.Generator | None = None
     distributed: bool | None = None
+    target_key: str = "labels"
+    ignore_index: int = -100
+    shift_labels: bool = False
 
     def __post_init__(self) -> None:
         check_fisher(self.fisher, self.mc_samples)
@@ -55,6 +67,12 @@ class CurvatureOptions:
             raise TypeError(
                 f"generator must be a torch.Generator or None, got {type(self.generator).__name__}"
             )
+        if not isinstance(self.target_key, str):
+            raise TypeError(f"target_key must be a string, got {type(self.target_key).__name__}")
+        if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
+            raise TypeError(f"ignore_index must be an int, got {self.ignore_index!r}")
+        if not isinstance(self.shift_labels, bool):
+            raise TypeError(f"shift_labels must be True or False, got {self.shift_labels!r}")
 
     @classmethod
     def names(cls) -> tuple[str, ...]:

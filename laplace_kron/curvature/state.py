@@ -6,6 +6,7 @@ sum of the shards' states:
 
     A_sum = sum_n a_n a_n^T (1/T per position for KFAC-expand),   G_sum = sum_{k,n} g g^T,
     E_sum = sum_{k,n} (Q_G^T grad Q_A)^2,   num_data = N,   loss = sum_n nll_n,   sse,
+    n_observed = number of observed scalar targets (ignore_index and padding excluded),
 
 and the KFAC factors are ``A = A_sum / N`` and ``G = G_sum``.
 """
@@ -39,8 +40,10 @@ class FitState:
             (``None`` until the layer saw data; ``A_sum`` stays ``None`` for a bias-only layer).
             Wide factors hold only their lower block triangle until :meth:`mirror`.
         E_sum: per layer, one ``[d_out, d_in]`` EKFAC eigenvalue sum per block (second pass).
-        num_data, loss, sse, n_outputs: data count, summed NLL, summed squared residuals
-            (regression, ``sigma = 1``) and the number of outputs ``C``.
+        num_data, loss, sse, n_outputs: data count (input examples), summed NLL, summed squared
+            residuals (regression, ``sigma = 1``) and the number of outputs ``C`` per position.
+        n_observed: observed scalar targets (the Gaussian evidence's count: ``N C`` without
+            positions, ignored targets or padding).
         pass_name, next_batch, pass_data: the pass under way, the index of its next batch and the
             data points it has consumed (what a checkpoint resumes from).
         generator: the random stream of the MC Fisher (this rank's, when distributed).
@@ -71,6 +74,7 @@ class FitState:
         self.loss = 0.0
         self.sse = 0.0
         self.n_outputs = 0
+        self.n_observed = 0
         self.pass_name = "kfac"
         self.next_batch = 0
         self.pass_data = 0
@@ -112,6 +116,7 @@ class FitState:
             "loss": self.loss,
             "sse": self.sse,
             "n_outputs": self.n_outputs,
+            "n_observed": self.n_observed,
             "generator_state": None if self.generator is None else self.generator.get_state(),
         }
 
@@ -150,6 +155,9 @@ class FitState:
         counts = {
             k: _count(state[k], k) for k in ("next_batch", "pass_data", "num_data", "n_outputs")
         }
+        # Checkpoints written before n_observed existed: one observed target per output.
+        n_obs = state.get("n_observed", counts["num_data"] * counts["n_outputs"])
+        n_obs = _count(n_obs, "n_observed")
         loss, sse = float(state["loss"]), float(state["sse"])
         gen_state = state["generator_state"]
         if self.generator is not None:
@@ -160,6 +168,7 @@ class FitState:
         self.pass_data, self.num_data = counts["pass_data"], counts["num_data"]
         self.A_sum, self.G_sum, self.E_sum = A, G, E
         self.loss, self.sse, self.n_outputs = loss, sse, counts["n_outputs"]
+        self.n_observed = n_obs
         self.last_batch, self.resume_fingerprint = None, fp
 
     # ------------------------------------------------------------------------- data parallel
@@ -177,12 +186,15 @@ class FitState:
                 self.G_sum[li] = torch.zeros(spec.d_out, spec.d_out, **kw)
         n_out = torch.tensor([float(self.n_outputs)], dtype=torch.float64)
         dist_utils.all_reduce_max_([n_out])
-        scalars = torch.tensor([self.num_data, self.loss, self.sse], dtype=torch.float64)
+        scalars = torch.tensor(
+            [self.num_data, self.loss, self.sse, self.n_observed], dtype=torch.float64
+        )
         factors = [t for t in self.A_sum if t is not None] + list(self.G_sum)
         dist_utils.all_reduce_sum_([*factors, scalars])
         self.n_outputs = int(n_out.item())
         self.num_data = int(round(scalars[0].item()))
         self.loss, self.sse = scalars[1].item(), scalars[2].item()
+        self.n_observed = int(round(scalars[3].item()))
 
     def all_reduce_ekfac(self, bases: list[list[KronBlock]]) -> None:
         """Sum ``E_sum`` over ranks and check the second pass saw the same ``N`` as the first."""
@@ -270,6 +282,7 @@ class FitState:
             sse=self.sse,
             n_outputs=self.n_outputs,
             kind=kind,
+            n_observed=self.n_observed,
         )
 
 
