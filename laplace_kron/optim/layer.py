@@ -234,23 +234,3 @@ class Layer:
         a = self.rotate_in(batch.a)
         g = batch.g @ self.curvature.eig_G.vectors
         return per_example_sq(a, g.unsqueeze(0)) / batch.B
-
-    def check_mean_loss(self, batch: Batch, V: Tensor) -> None:
-        """Refuse a loss summed over the batch: then ``.grad = B mean_n G_n`` (and every
-        curvature estimate would be off by ``B``)."""
-        if batch.B < 2:
-            return
-        if self.bias is not None:
-            est, got = batch.g.sum(dim=(0, 1)) / batch.B, self.bias.grad.reshape(-1)
-        elif batch.a is not None:
-            est = torch.einsum("blo,bli->oi", batch.g, batch.a) / batch.B
-            got = V
-        else:
-            return
-        scale = est.norm() * batch.B
-        if scale > 0 and (got - batch.B * est).norm() <= 1e-4 * scale:
-            raise ValueError(
-                f"layer {self.name!r}: the gradient is {batch.B} (the batch size) times the mean "
-                "of the per-example gradients: the loss looks like a SUM over the batch. The "
-                "preconditioners expect a mean (e.g. cross_entropy(..., reduction='mean'))"
-            )

@@ -165,7 +165,6 @@ class KroneckerPreconditioner:
             batch = layer.batch(recs, self._needs_patches(layer, refresh))
         V = layer.grad_matrix()
         if refresh:
-            layer.check_mean_loss(batch, V)
             layer.refresh(batch, self.steps)
         proj = layer.to_eigenbasis(V)
         s = self._eigenvalues(layer, batch, proj, layer.batch_size(recs))
