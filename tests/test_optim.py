@@ -447,3 +447,60 @@ def test_digits_training_beats_sgd(method):
     sgd, pre = train(None), train(method)
     assert sgd > 1.5
     assert pre < 0.25 * sgd
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_state_dict_round_trip_continues_identically(method, tmp_path):
+    kind = "conv"
+    models = [make_model(kind), make_model(kind)]
+    pre = [make_precond(m, method, 1e-3, sua=True, update_freq=3) for m in models]
+    for k in range(2):
+        x, y = make_batch(kind, seed=k)
+        models[0].zero_grad()
+        F.cross_entropy(models[0](x), y).backward()
+        pre[0].step()
+    torch.save(pre[0].state_dict(), tmp_path / "p.pt")
+    pre[1].load_state_dict(torch.load(tmp_path / "p.pt", weights_only=True))
+    assert pre[1].steps == 2
+    x, y = make_batch(kind, seed=5)
+    for m, p in zip(models, pre):
+        m.zero_grad()
+        F.cross_entropy(m(x), y).backward()
+        p.step()
+    for a, b in zip(*(m.parameters() for m in models)):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=0)
+
+
+def test_bad_state_dict_is_refused_and_changes_nothing():
+    model = make_model("mlp")
+    precond = EKFAC(model, 1e-3, ra=True)
+    x, y = make_batch("mlp")
+    F.cross_entropy(model(x), y).backward()
+    precond.step()
+    good = precond.state_dict()
+    before = precond.curvature()[0].m2.clone()
+
+    def edited(**changes):
+        state = {**good, "layers": {n: dict(v) for n, v in good["layers"].items()}}
+        for key, value in changes.items():
+            if key in state:
+                state[key] = value
+            else:
+                state["layers"]["0"][key] = value
+        return state
+
+    cases = [
+        (edited(kind="KFAC"), "saved by KFAC"),
+        (edited(sua=True), "saved by EKFAC"),
+        (edited(steps=-1), "steps must be"),
+        (edited(m2=torch.zeros(3, 3)), "m2 must be a tensor of shape"),
+        (edited(A=torch.full((6, 6), float("nan"))), "A contains NaN"),
+        (edited(positions=1.5), "integers >= 0"),
+        ({**good, "layers": {"9": good["layers"]["0"]}}, "does not cover"),
+        ({"steps": 1}, "not a preconditioner state_dict"),
+    ]
+    for state, match in cases:
+        with pytest.raises(ValueError, match=match):
+            precond.load_state_dict(state)
+    assert precond.steps == 1
+    torch.testing.assert_close(precond.curvature()[0].m2, before)

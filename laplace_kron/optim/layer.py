@@ -109,6 +109,73 @@ class Layer:
         """SUA: input channels plus the bias channel."""
         return self.spec.module.in_channels + (self.bias is not None)
 
+    @property
+    def input_size(self) -> int:
+        """Size of the input factor ``A`` (SUA: channels plus the bias channel)."""
+        if self.sua:
+            return self.channels
+        return (self.spec.d_in if self.weight is not None else 0) + (self.bias is not None)
+
+    # -- state ------------------------------------------------------------------------------
+    def curvature_state(self) -> dict:
+        """The layer's curvature as plain tensors (copies) and numbers (for ``state_dict``)."""
+        c = self.curvature
+        return {
+            "A": c.A.clone(),
+            "G": c.G.clone(),
+            "eig_A_values": c.eig_A.values.clone(),
+            "eig_A_vectors": c.eig_A.vectors.clone(),
+            "eig_G_values": c.eig_G.values.clone(),
+            "eig_G_vectors": c.eig_G.vectors.clone(),
+            "m2": c.m2.clone(),
+            "positions": c.positions,
+            "batch_size": c.batch_size,
+            "refreshed_at": c.refreshed_at,
+        }
+
+    def read_curvature(self, state: dict, like: Tensor) -> LayerCurvature:
+        """Validate a :meth:`curvature_state` entry for this layer (dtype/device of ``like``)."""
+        d_in, d_out = self.input_size, self.spec.d_out
+        shapes = {
+            "A": (d_in, d_in),
+            "G": (d_out, d_out),
+            "eig_A_values": (d_in,),
+            "eig_A_vectors": (d_in, d_in),
+            "eig_G_values": (d_out,),
+            "eig_G_vectors": (d_out, d_out),
+            "m2": (d_out, d_in * self.K),
+        }
+        where = f"state for layer {self.name!r}"
+        if not isinstance(state, dict) or set(state) != set(shapes) | {
+            "positions",
+            "batch_size",
+            "refreshed_at",
+        }:
+            raise ValueError(f"{where}: expected the keys of curvature_state(), got {state!r}")
+        t = {}
+        for key, shape in shapes.items():
+            v = state[key]
+            if not isinstance(v, Tensor) or tuple(v.shape) != shape:
+                got = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
+                raise ValueError(f"{where}: {key} must be a tensor of shape {shape}, got {got}")
+            if not torch.isfinite(v).all():
+                raise ValueError(f"{where}: {key} contains NaN or Inf")
+            t[key] = v.detach().to(like, copy=True)
+        ints = [state[k] for k in ("positions", "batch_size", "refreshed_at")]
+        if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ints):
+            raise ValueError(f"{where}: positions, batch_size, refreshed_at must be integers >= 0")
+        return LayerCurvature(
+            self.name,
+            self.spec,
+            self.sua,
+            t["A"],
+            t["G"],
+            Eigen(t["eig_A_values"], t["eig_A_vectors"]),
+            Eigen(t["eig_G_values"], t["eig_G_vectors"]),
+            *ints,
+            t["m2"],
+        )
+
     # -- the gradient as a [d_out, D] matrix ------------------------------------------------
     def grad_matrix(self) -> Tensor:
         """``[d_out, D]``: the weight gradient and the bias gradient in their columns."""

@@ -177,6 +177,47 @@ class KroneckerPreconditioner:
         empty before the first :meth:`step`."""
         return [layer.curvature for layer in self.layers if layer.curvature is not None]
 
+    def state_dict(self) -> dict:
+        """The step count and every layer's curvature (tensors and numbers only: a
+        ``torch.save`` / ``torch.load(weights_only=True)`` round trip works)."""
+        return {
+            "kind": type(self).__name__,
+            "sua": self.sua,
+            "steps": self.steps,
+            "layers": {
+                layer.name: layer.curvature_state()
+                for layer in self.layers
+                if layer.curvature is not None
+            },
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` (validated first: on any error nothing changes)."""
+        if not isinstance(state, dict) or set(state) != {"kind", "sua", "steps", "layers"}:
+            raise ValueError("not a preconditioner state_dict (expected kind, sua, steps, layers)")
+        name = type(self).__name__
+        if state["kind"] != name or state["sua"] != self.sua:
+            raise ValueError(
+                f"the state was saved by {state['kind']}(sua={state['sua']}); this is "
+                f"{name}(sua={self.sua})"
+            )
+        steps = state["steps"]
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
+        by_name = {layer.name: layer for layer in self.layers}
+        unknown = sorted(set(state["layers"]) - set(by_name))
+        if unknown:
+            raise ValueError(f"the state has layers this preconditioner does not cover: {unknown}")
+        new = {}
+        for n, entry in state["layers"].items():
+            layer = by_name[n]
+            like = layer.weight if layer.weight is not None else layer.bias
+            new[n] = layer.read_curvature(entry, like)
+        for layer in self.layers:
+            layer.curvature = new.get(layer.name)
+            layer.records.clear()
+        self.steps = steps
+
     def remove(self) -> None:
         """Remove the hooks (the preconditioner records nothing afterwards)."""
         for h in self._handles:
