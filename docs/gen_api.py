@@ -33,6 +33,7 @@ LAYERS = [
     "laplace_kron.laplace",
     "laplace_kron.online_precision",
     "laplace_kron.continual",
+    "laplace_kron.optim",
     "laplace_kron.training",
     "laplace_kron.plots",
     "laplace_kron.datasets",

@@ -1,5 +1,8 @@
 """laplace_kron: scalable Kronecker-factored Laplace approximations for PyTorch."""
 
+# The KFAC / EKFAC training preconditioners live in their own namespace, laplace_kron.optim
+# (a top-level KFAC class would sit confusingly beside the kfac() fitting function).
+from . import optim
 from .continual import OnlineLaplace
 from .curvature import ekfac, kfac
 from .kron import KronBlock, KronCurvature
@@ -16,5 +19,6 @@ __all__ = [
     "ekfac",
     "kfac",
     "marglik_training",
+    "optim",
     "__version__",
 ]

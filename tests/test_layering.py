@@ -35,6 +35,8 @@ RANKS: dict[str, int] = {
     "continual": 7,
     "online_precision": 7,
     "online_state": 7,
+    "optim": 7,  # the preconditioners' package and its modules
+    "optim.": 7,
     "training": 8,
     "datasets": 8,
     "plots": 8,
