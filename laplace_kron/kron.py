@@ -30,9 +30,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .diagblock import DiagBlock
 from .spectrum import Spectrum
 
-__all__ = ["Eigen", "KronBlock", "KronCurvature", "per_block", "symeig"]
+__all__ = ["Block", "DiagBlock", "Eigen", "KronBlock", "KronCurvature", "per_block", "symeig"]
 
 # Relative size below which an eigenvalue is treated as round-off and clamped to zero.
 _EIG_CLAMP = 1e-12
@@ -320,6 +321,11 @@ class KronBlock:
         )
 
 
+# A curvature block: Kronecker-factored, or diagonal (:mod:`~laplace_kron.diagblock`) for a
+# parameter no Kronecker factorisation covers. Both share the interface KronCurvature uses.
+Block = KronBlock | DiagBlock
+
+
 def per_block(value: Tensor | float, n_blocks: int) -> list[Tensor | float]:
     """Broadcast a scalar or a ``[n_blocks]`` tensor to one value per block (the one place where a
     prior precision is broadcast over blocks)."""
@@ -337,10 +343,13 @@ def per_block(value: Tensor | float, n_blocks: int) -> list[Tensor | float]:
 
 @dataclass
 class KronCurvature:
-    """Block-diagonal collection of :class:`KronBlock` mapped to a model's parameters.
+    """Block-diagonal collection of :class:`KronBlock` and :class:`DiagBlock` mapped to a model's
+    parameters.
 
     Attributes:
-        blocks: one block per covered layer (or per weight / bias when treated separately).
+        blocks: one Kronecker block per covered layer (or per weight / bias when treated
+            separately) and one diagonal block per other covered parameter, in the order of their
+            first parameter in ``model.named_parameters()``.
         param_names: covered parameter names in ``model.named_parameters()`` order; the order of
             :meth:`to_dense` and of flat parameter vectors.
         num_data: number of data points ``N`` the curvature was summed over.
@@ -351,7 +360,7 @@ class KronCurvature:
         n_outputs: number of network outputs per datum.
     """
 
-    blocks: list[KronBlock]
+    blocks: list[Block]
     param_names: list[str]
     num_data: int
     likelihood: str = "classification"
@@ -387,7 +396,7 @@ class KronCurvature:
         """Number of parameters per block."""
         return [b.n_params for b in self.blocks]
 
-    def block_index(self, block: KronBlock) -> Tensor:
+    def block_index(self, block: Block) -> Tensor:
         """Positions of a block's parameter-order entries in the flat parameter vector."""
         return torch.cat(
             [

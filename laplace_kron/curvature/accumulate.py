@@ -24,8 +24,9 @@ import torch
 from torch import Tensor, nn
 
 from ..kron import KronBlock
-from .batches import forward_batch, is_empty
+from .batches import forward_batch, is_empty, to_device
 from .capture import Capture, LayerSpec, Workspace, native_to_weight_order
+from .diagonal import DiagonalGradients
 from .gram import gram_lower_, mirror_, per_example_sq
 from .likelihoods import (
     iter_output_gradient_vectors,
@@ -59,6 +60,8 @@ class FactorAccumulator:
         self.options, self.state = options, state
         self._orders = [input_order(s, state.device) for s in specs]
         self._work = Workspace()
+        # Diagonal blocks: per-example gradients from the same output-gradient vectors.
+        self._diag = DiagonalGradients(model, list(state.diag)) if state.diag else None
 
     def clear(self) -> None:
         """Free the scratch buffers."""
@@ -79,7 +82,7 @@ class FactorAccumulator:
                         self._add_A(li, a)
             closed = self._closed_form_G(fc)
             # One output-gradient vector at a time: G needs only sums over vectors.
-            for grads in self._output_gradients(cap, fc, yc):
+            for grads in self._output_gradients(cap, fc, yc, x):
                 with torch.no_grad():
                     for li, g in enumerate(grads):
                         if li not in closed:
@@ -91,18 +94,32 @@ class FactorAccumulator:
             st.n_outputs = fc.shape[1]
             st.num_data += fc.shape[0]
 
-    def _output_gradients(self, cap: Capture, fc: Tensor, yc: Tensor) -> Iterator[list[Tensor]]:
+    def _output_gradients(
+        self, cap: Capture, fc: Tensor, yc: Tensor, x=None
+    ) -> Iterator[list[Tensor]]:
         """Per output-gradient vector, the layers' output-gradients ``[1, B, T, d_out]``; the
-        vectors are drawn in chunks (:func:`iter_output_gradient_vectors`)."""
+        vectors are drawn in chunks (:func:`iter_output_gradient_vectors`). With the inputs
+        ``x``, each chunk of vectors is also added to the diagonal blocks' sums."""
         o = self.options
         chunks = iter_output_gradient_vectors(
             fc, yc, self.likelihood, o.fisher, o.mc_samples, self.state.generator
         )
         vectors = next(chunks)
         for following in chunks:
+            self._add_diag(cap, x, vectors)
             yield from cap.iter_output_gradients(fc, vectors, retain_graph=True)
             vectors = following
+        self._add_diag(cap, x, vectors)
         yield from cap.iter_output_gradients(fc, vectors)
+
+    def _add_diag(self, cap: Capture, x, vectors: Tensor) -> None:
+        """``D_sum += sum_{n,k} grad_{n,k}^2`` for vectors ``[K, B, C]`` (diagonal blocks)."""
+        if x is None or self._diag is None:
+            return
+        self._diag.check_mode()
+        with cap.paused():
+            sums = self._diag.squared_sums(to_device(x, self.state.device), vectors.detach())
+        self.state.add_diag(sums)
 
     def _output_layers(self, f: Tensor) -> set[int]:
         """Layers whose output *is* the network output ``f``, when the exact Fisher makes their

@@ -12,6 +12,7 @@ output-gradient vectors backpropagated from the network output.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -21,7 +22,9 @@ from torch import Tensor, nn
 SUPPORTED_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
 __all__ = [
+    "Coverage",
     "LayerSpec",
+    "select_coverage",
     "select_layers",
     "Capture",
     "SUPPORTED_TYPES",
@@ -75,16 +78,63 @@ def _trainable(p: nn.Parameter | None) -> bool:
     return p is not None and p.requires_grad
 
 
+@dataclass
+class Coverage:
+    """What a posterior covers: Kronecker layers and diagonal-block parameters.
+
+    ``specs``: the layers whose weight / bias get Kronecker blocks; ``diag_names``: every other
+    covered parameter (one diagonal block each); ``param_names``: all covered parameters in
+    ``model.named_parameters()`` order (the order of flat vectors and ``to_dense()``).
+    """
+
+    specs: list[LayerSpec]
+    diag_names: list[str]
+    param_names: list[str]
+
+
+def _functional_linears(named: list[tuple[str, nn.Module]]) -> set[int]:
+    """Ids of supported layers whose forward hooks never fire because their parent calls their
+    weight functionally: ``nn.MultiheadAttention.out_proj`` (``F.multi_head_attention_forward``).
+    Their parameters get diagonal blocks."""
+    out = set()
+    for _, m in named:
+        if isinstance(m, nn.MultiheadAttention):
+            out.update(id(c) for c in m.children() if isinstance(c, SUPPORTED_TYPES))
+    return out
+
+
+def _kron_capable(m: nn.Module, functional: set[int]) -> bool:
+    """A supported layer called as a module; convolutions with ``groups > 1``, a non-zero
+    ``padding_mode`` or string padding get diagonal blocks instead."""
+    if not isinstance(m, SUPPORTED_TYPES) or id(m) in functional:
+        return False
+    if isinstance(m, nn.Linear):
+        return True
+    return m.groups == 1 and m.padding_mode == "zeros" and not isinstance(m.padding, str)
+
+
 def select_layers(
     model: nn.Module,
     modules: None | str | Sequence[str | nn.Module] = None,
     separate_bias: bool = False,
 ) -> list[LayerSpec]:
-    """Resolve ``modules`` into the covered layers, in ``model.named_modules()`` order.
+    """The Kronecker layers of :func:`select_coverage` (see there)."""
+    return select_coverage(model, modules, separate_bias).specs
 
-    ``None`` covers every module with trainable parameters and fails, naming them, if any is not a
-    supported type. ``"last_layer"`` covers the last supported module with trainable parameters.
-    A list selects modules by name or by object. Parameters with ``requires_grad=False`` are skipped.
+
+def select_coverage(
+    model: nn.Module,
+    modules: None | str | Sequence[str | nn.Module] = None,
+    separate_bias: bool = False,
+) -> Coverage:
+    """Resolve ``modules`` into Kronecker layers and diagonal-block parameters.
+
+    ``None`` covers every trainable parameter: the weight and bias of a supported layer
+    (nn.Linear, nn.Conv1d, nn.Conv2d whose forward is called) get Kronecker blocks, every other
+    parameter a diagonal block. ``"last_layer"`` covers the last supported layer only. A list
+    selects modules by name or object and covers every trainable parameter in their subtrees, in
+    the same way (Kronecker for supported layers, diagonal elsewhere). Parameters with
+    ``requires_grad=False`` are never covered.
     """
     named = [(n, m) for n, m in model.named_modules()]
     with_params = [
@@ -92,17 +142,8 @@ def select_layers(
     ]
     if not with_params:
         raise ValueError("the model has no trainable parameters to put a Laplace posterior on")
+    functional = _functional_linears(named)
     if modules is None:
-        bad = [f"{n or '<root>'} ({type(m).__name__})" for n, m in with_params]
-        bad = [b for (n, m), b in zip(with_params, bad) if not isinstance(m, SUPPORTED_TYPES)]
-        if bad:
-            raise ValueError(
-                "unsupported layers with trainable parameters: "
-                + ", ".join(bad)
-                + ". Supported: nn.Linear, nn.Conv1d, nn.Conv2d (groups=1). Pass modules=[...] "
-                "(names or modules) or modules='last_layer' to cover only supported layers, or "
-                "freeze the others with requires_grad_(False)."
-            )
         chosen = with_params
     elif isinstance(modules, str):
         if modules != "last_layer":
@@ -110,52 +151,41 @@ def select_layers(
                 f"modules={modules!r} is not understood: use None (all layers), 'last_layer', "
                 "or a list of module names / modules"
             )
-        sup = [(n, m) for n, m in with_params if isinstance(m, SUPPORTED_TYPES)]
+        sup = [(n, m) for n, m in with_params if _kron_capable(m, functional)]
         if not sup:
-            raise ValueError("modules='last_layer': the model has no supported layer")
+            raise ValueError(
+                "modules='last_layer': the model has no supported layer (nn.Linear, nn.Conv1d, "
+                "nn.Conv2d called as a module)"
+            )
         chosen = [sup[-1]]
     else:
         by_name = dict(named)
         by_id = {id(m): n for n, m in named}
-        chosen = []
+        roots = []
         for item in modules:
             if isinstance(item, str):
                 if item not in by_name:
                     raise ValueError(f"modules: the model has no submodule named {item!r}")
-                chosen.append((item, by_name[item]))
+                roots.append(item)
             elif isinstance(item, nn.Module):
                 if id(item) not in by_id:
                     raise ValueError(f"modules: {type(item).__name__} is not a submodule of model")
-                chosen.append((by_id[id(item)], item))
+                roots.append(by_id[id(item)])
             else:
                 raise TypeError(f"modules entries must be names or nn.Modules, got {type(item)}")
-        if not chosen:
+        if not roots:
             raise ValueError("modules is an empty list: select at least one layer")
-        for n, m in chosen:
-            if not isinstance(m, SUPPORTED_TYPES):
-                raise ValueError(
-                    f"module {n!r} ({type(m).__name__}) is not supported; supported: nn.Linear, "
-                    "nn.Conv1d, nn.Conv2d"
-                )
-        order = {n: i for i, (n, _) in enumerate(named)}
-        chosen = sorted(dict(chosen).items(), key=lambda kv: order[kv[0]])
-
+        inside = [
+            (n, m)
+            for n, m in with_params
+            if any(r == "" or n == r or n.startswith(r + ".") for r in roots)
+        ]
+        if not inside:
+            raise ValueError(f"modules {roots}: they hold no trainable parameters")
+        chosen = inside
+    kron = [(n, m) for n, m in chosen if _kron_capable(m, functional)]
     specs = []
-    for n, m in chosen:
-        if isinstance(m, (nn.Conv1d, nn.Conv2d)):
-            if m.groups != 1:
-                raise ValueError(
-                    f"layer {n!r}: convolutions with groups={m.groups} are not supported"
-                )
-            if m.padding_mode != "zeros":
-                raise ValueError(
-                    f"layer {n!r}: padding_mode={m.padding_mode!r} is not supported (only 'zeros')"
-                )
-            if isinstance(m.padding, str):
-                raise ValueError(
-                    f"layer {n!r}: string padding {m.padding!r} is not supported; give explicit "
-                    "integer padding"
-                )
+    for n, m in kron:
         prefix = f"{n}." if n else ""
         w = prefix + "weight" if _trainable(m.weight) else None
         b = prefix + "bias" if _trainable(getattr(m, "bias", None)) else None
@@ -164,7 +194,33 @@ def select_layers(
         specs.append(
             LayerSpec(n, m, w, b, joint=(w is not None and b is not None and not separate_bias))
         )
-    return specs
+    kron_names = {x for s in specs for x in (s.weight_name, s.bias_name) if x}
+    diag = {
+        (f"{n}." if n else "") + pn
+        for n, m in chosen
+        for pn, p in m.named_parameters(recurse=False)
+        if p.requires_grad
+    } - kron_names
+    _refuse_tied(model, diag | kron_names)
+    order = [n for n, _ in model.named_parameters()]
+    return Coverage(
+        specs,
+        [n for n in order if n in diag],
+        [n for n in order if n in diag or n in kron_names],
+    )
+
+
+def _refuse_tied(model: nn.Module, covered: set[str]) -> None:
+    """A parameter shared by several modules (tied weights) would be counted in two blocks."""
+    names: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(n)
+    tied = [v for v in names.values() if len(v) > 1 and any(n in covered for n in v)]
+    if tied:
+        raise ValueError(
+            f"tied parameters {tied} are registered in several modules; a covered parameter must "
+            "be in one block. Cover one of the modules only (modules=[...]) or untie the weights"
+        )
 
 
 def _conv_geometry(module: nn.Module):
@@ -334,6 +390,7 @@ class Capture:
     def __init__(self, specs: Iterable[LayerSpec]):
         self.specs = list(specs)
         self._handles: list = []
+        self._paused = False
 
     def __enter__(self) -> Capture:
         for spec in self.specs:
@@ -341,6 +398,8 @@ class Capture:
             spec.outputs.clear()
 
             def hook(mod, inp, out, spec=spec):
+                if self._paused:
+                    return
                 spec.inputs.append(inp[0].detach())
                 spec.outputs.append(out)
 
@@ -351,6 +410,16 @@ class Capture:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Record nothing inside (other forward passes, e.g. the diagonal blocks' per-example
+        calls, must not add to the captured calls)."""
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = False
 
     def clear(self) -> None:
         for spec in self.specs:
@@ -367,6 +436,13 @@ class Capture:
         """``[B, T, d_in (+1)]`` unfolded inputs of all calls, with a ones column if joint (and
         ``augment``); columns in weight order, or in :func:`native_patches` order (written into
         ``workspace`` buffers if given) if ``native``."""
+        if not spec.inputs:
+            raise ValueError(
+                f"layer {spec.name!r} ({type(spec.module).__name__}) was never called as a module "
+                "in the forward pass (its weight is used functionally, e.g. F.linear(x, "
+                "layer.weight)), so its Kronecker factors cannot be captured. Leave it out of "
+                "modules=[...] or freeze it with requires_grad_(False)"
+            )
         ones = spec.joint and augment
         if native and workspace is not None:
             parts = [
@@ -400,6 +476,9 @@ class Capture:
                     "wrapped in torch.no_grad()?"
                 )
         K = vectors.shape[0]
+        if not outs:  # no Kronecker layers (only diagonal blocks): nothing to backpropagate
+            yield from ([] for _ in range(K))
+            return
         for k in range(K):
             grads = torch.autograd.grad(
                 f,
