@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from . import io
 from .constants import FILE_FORMATS, ONLINE_FORMAT
 from .curvature import CurvatureFitter, CurvatureOptions, fit_diagonal
-from .curvature.capture import select_coverage
+from .curvature.selection import select_coverage
 from .kron import DiagBlock, KronCurvature
 from .online_precision import BlockSum, DiagSum
 from .online_state import (

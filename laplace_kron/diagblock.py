@@ -13,6 +13,7 @@ the unit vectors and eigenvalues ``c h_i + delta``, so every operation is elemen
 library uses. Its matrix view is the column ``[P_block, 1]`` (``d_out = P_block``, ``d_in = 1``):
 the values are its "eigenvalues" ``[P_block, 1]`` and a flat vector maps to the matrix view by
 adding a trailing axis, so a :class:`~laplace_kron.kron.KronCurvature` can mix both kinds.
+:class:`BlockOps` holds the damped operations both kinds derive from their eigenvalues.
 """
 
 from __future__ import annotations
@@ -25,11 +26,44 @@ from torch import Tensor
 
 from .spectrum import Spectrum
 
-__all__ = ["DiagBlock"]
+__all__ = ["BlockOps", "DiagBlock"]
+
+
+class BlockOps:
+    """The damped operations every block derives from ``eigvals()`` and ``apply_fn`` (shared by
+    :class:`DiagBlock` and :class:`~laplace_kron.kron.KronBlock`)."""
+
+    def damped_eigvals(self, scale: Tensor | float = 1.0, delta: Tensor | float = 0.0) -> Tensor:
+        """Eigenvalues ``scale * lambda + delta`` of ``scale * K + delta * I``, ``[d_out, d_in]``."""
+        return scale * self.eigvals() + delta
+
+    def inv_matvec(self, mat: Tensor, scale: Tensor | float = 1.0, delta: Tensor | float = 0.0):
+        """``(scale * K + delta I)^{-1} vec(mat)`` in matrix form."""
+        return self.apply_fn(mat, torch.reciprocal, scale, delta)
+
+    def inv_sqrt_matvec(
+        self, mat: Tensor, scale: Tensor | float = 1.0, delta: Tensor | float = 0.0
+    ) -> Tensor:
+        """``(scale * K + delta I)^{-1/2} vec(mat)`` (symmetric inverse square root)."""
+        return self.apply_fn(mat, torch.rsqrt, scale, delta)
+
+    def trace_inv(self, scale: Tensor | float = 1.0, delta: Tensor | float = 0.0) -> Tensor:
+        """``tr((scale * K + delta I)^{-1})``."""
+        return torch.reciprocal(self.damped_eigvals(scale, delta)).sum()
+
+    def quadratic(self, mat: Tensor, scale: Tensor | float = 1.0, delta: Tensor | float = 0.0):
+        """``vec(mat)^T (scale * K + delta I) vec(mat)`` for ``mat [..., d_out, d_in]`` -> ``[...]``."""
+        return (mat * self.matvec(mat, scale, delta)).sum(dim=(-2, -1))
+
+    def logdet(self, scale: Tensor | float = 1.0, delta: Tensor | float = 0.0) -> Tensor:
+        """``log det(scale * K + delta I)`` (float64, differentiable in ``scale`` and ``delta``);
+        ``-inf`` for a singular block with ``delta = 0``. Computed by :mod:`~laplace_kron.spectrum`,
+        the library's one log-determinant path."""
+        return Spectrum.from_blocks([self.eigvals()]).logdet(scale, delta)
 
 
 @dataclass
-class DiagBlock:
+class DiagBlock(BlockOps):
     """One diagonal curvature block ``H = diag(values.flatten())``.
 
     Args:
@@ -85,22 +119,13 @@ class DiagBlock:
         """Number of parameters covered."""
         return self.values.shape[0]
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.values.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.values.device
+    dtype = property(lambda self: self.values.dtype, doc="Dtype of the values.")
+    device = property(lambda self: self.values.device, doc="Device of the values.")
 
     # ----------------------------------------------------------------------------- eigen
     def eigvals(self) -> Tensor:
         """Eigenvalues of the undamped block: the values, ``[P_block, 1]``."""
         return self.values
-
-    def damped_eigvals(self, scale: Tensor | float = 1.0, delta: Tensor | float = 0.0) -> Tensor:
-        """``scale * h + delta``, ``[P_block, 1]``."""
-        return scale * self.values + delta
 
     # ----------------------------------------------------------------------------- layouts
     def params_to_mat(self, params: Sequence[Tensor]) -> Tensor:
@@ -145,31 +170,9 @@ class DiagBlock:
         """``(scale * H + delta I) vec(mat)``."""
         return self.apply_fn(mat, None, scale, delta)
 
-    def inv_matvec(self, mat: Tensor, scale: Tensor | float = 1.0, delta: Tensor | float = 0.0):
-        """``(scale * H + delta I)^{-1} vec(mat)``."""
-        return self.apply_fn(mat, torch.reciprocal, scale, delta)
-
-    def inv_sqrt_matvec(
-        self, mat: Tensor, scale: Tensor | float = 1.0, delta: Tensor | float = 0.0
-    ) -> Tensor:
-        """``(scale * H + delta I)^{-1/2} vec(mat)``."""
-        return self.apply_fn(mat, torch.rsqrt, scale, delta)
-
-    def logdet(self, scale: Tensor | float = 1.0, delta: Tensor | float = 0.0) -> Tensor:
-        """``log det(scale * H + delta I)`` (float64), through :mod:`~laplace_kron.spectrum`."""
-        return Spectrum.from_blocks([self.values]).logdet(scale, delta)
-
     def trace(self, scale: Tensor | float = 1.0, delta: Tensor | float = 0.0) -> Tensor:
         """``tr(scale * H + delta I)``."""
         return self.damped_eigvals(scale, delta).sum()
-
-    def trace_inv(self, scale: Tensor | float = 1.0, delta: Tensor | float = 0.0) -> Tensor:
-        """``tr((scale * H + delta I)^{-1})``."""
-        return torch.reciprocal(self.damped_eigvals(scale, delta)).sum()
-
-    def quadratic(self, mat: Tensor, scale: Tensor | float = 1.0, delta: Tensor | float = 0.0):
-        """``vec(mat)^T (scale * H + delta I) vec(mat)`` for ``mat [..., P_block, 1]`` -> ``[...]``."""
-        return (mat * self.matvec(mat, scale, delta)).sum(dim=(-2, -1))
 
     def to_dense(
         self,

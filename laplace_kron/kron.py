@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .diagblock import DiagBlock
+from .diagblock import BlockOps, DiagBlock
 from .spectrum import Spectrum
 
 __all__ = ["Block", "DiagBlock", "Eigen", "KronBlock", "KronCurvature", "per_block", "symeig"]
@@ -90,7 +90,7 @@ def symeig(factor: Tensor) -> Eigen:
 
 
 @dataclass
-class KronBlock:
+class KronBlock(BlockOps):
     """One curvature block ``G (x) A`` (or ``G`` alone for a bias), optionally EKFAC-corrected.
 
     Args:
@@ -180,10 +180,6 @@ class KronBlock:
             return self.eigenvalues
         return torch.outer(self.eig_G.values, self.eig_A.values)
 
-    def damped_eigvals(self, scale: Tensor | float = 1.0, delta: Tensor | float = 0.0) -> Tensor:
-        """Eigenvalues ``scale * lambda + delta`` of ``scale * K + delta * I``, ``[d_out, d_in]``."""
-        return scale * self.eigvals() + delta
-
     # ----------------------------------------------------------------------------- layouts
     def params_to_mat(self, params: Sequence[Tensor]) -> Tensor:
         """Stack parameter-shaped tensors (optional leading batch dims) into ``[..., d_out, d_in]``."""
@@ -249,36 +245,12 @@ class KronBlock:
             return scale * (self.G @ out) + delta * mat
         return self.apply_fn(mat, None, scale, delta)
 
-    def inv_matvec(self, mat: Tensor, scale: Tensor | float = 1.0, delta: Tensor | float = 0.0):
-        """``(scale * K + delta I)^{-1} vec(mat)`` in matrix form."""
-        return self.apply_fn(mat, torch.reciprocal, scale, delta)
-
-    def inv_sqrt_matvec(
-        self, mat: Tensor, scale: Tensor | float = 1.0, delta: Tensor | float = 0.0
-    ) -> Tensor:
-        """``(scale * K + delta I)^{-1/2} vec(mat)`` (symmetric inverse square root)."""
-        return self.apply_fn(mat, torch.rsqrt, scale, delta)
-
-    def logdet(self, scale: Tensor | float = 1.0, delta: Tensor | float = 0.0) -> Tensor:
-        """``log det(scale * K + delta I)`` (float64, differentiable in ``scale`` and ``delta``);
-        ``-inf`` for a singular block with ``delta = 0``. Computed by :mod:`~laplace_kron.spectrum`,
-        the library's one log-determinant path."""
-        return Spectrum.from_blocks([self.eigvals()]).logdet(scale, delta)
-
     def trace(self, scale: Tensor | float = 1.0, delta: Tensor | float = 0.0) -> Tensor:
         """``tr(scale * K + delta I)``."""
         if self.eigenvalues is None:
             tr_a = torch.ones((), dtype=self.dtype) if self.A is None else self.A.diagonal().sum()
             return scale * self.G.diagonal().sum() * tr_a + delta * self.n_params
         return (scale * self.eigenvalues + delta).sum()
-
-    def trace_inv(self, scale: Tensor | float = 1.0, delta: Tensor | float = 0.0) -> Tensor:
-        """``tr((scale * K + delta I)^{-1})``."""
-        return torch.reciprocal(self.damped_eigvals(scale, delta)).sum()
-
-    def quadratic(self, mat: Tensor, scale: Tensor | float = 1.0, delta: Tensor | float = 0.0):
-        """``vec(mat)^T (scale * K + delta I) vec(mat)`` for ``mat [..., d_out, d_in]`` -> ``[...]``."""
-        return (mat * self.matvec(mat, scale, delta)).sum(dim=(-2, -1))
 
     def param_permutation(self) -> Tensor:
         """Index ``perm`` with ``vec_param[perm] = mat.flatten()`` (Kronecker -> parameter order)."""

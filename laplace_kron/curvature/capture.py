@@ -1,4 +1,4 @@
-"""Which layers to cover, and hooks recording their inputs and output-gradients.
+"""Hooks recording the covered layers' inputs and output-gradients (which layers: selection.py).
 
 Each covered layer is seen as ``y = W a + b`` applied at ``T`` shared positions per datum:
 ``T = prod`` of the middle axes for ``nn.Linear`` on ``[B, ..., D]`` and the number of output
@@ -11,20 +11,17 @@ output-gradient vectors backpropagated from the network output.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-SUPPORTED_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
+from .selection import SUPPORTED_TYPES, LayerSpec, select_layers
 
 __all__ = [
-    "Coverage",
     "LayerSpec",
-    "select_coverage",
     "select_layers",
     "Capture",
     "SUPPORTED_TYPES",
@@ -33,194 +30,6 @@ __all__ = [
     "native_to_weight_order",
     "unfold_input",
 ]
-
-
-@dataclass
-class LayerSpec:
-    """A covered layer and how its parameters map to Kronecker blocks.
-
-    ``weight_name`` / ``bias_name`` are full parameter names (``None`` if absent or frozen).
-    ``joint`` means one block over the augmented weight ``[W | b]``; otherwise weight and bias get
-    separate blocks (the bias block has the single factor ``G``).
-    """
-
-    name: str
-    module: nn.Module
-    weight_name: str | None
-    bias_name: str | None
-    joint: bool
-    inputs: list[Tensor] = field(default_factory=list, repr=False)
-    outputs: list[Tensor] = field(default_factory=list, repr=False)
-
-    @property
-    def d_out(self) -> int:
-        m = self.module
-        return m.out_features if isinstance(m, nn.Linear) else m.out_channels
-
-    @property
-    def d_in(self) -> int:
-        """Input size of the weight matrix view (without the bias column)."""
-        m = self.module
-        if isinstance(m, nn.Linear):
-            return m.in_features
-        return m.weight[0].numel()
-
-    @property
-    def has_weight(self) -> bool:
-        return self.weight_name is not None
-
-    @property
-    def has_bias(self) -> bool:
-        return self.bias_name is not None
-
-
-def _trainable(p: nn.Parameter | None) -> bool:
-    return p is not None and p.requires_grad
-
-
-@dataclass
-class Coverage:
-    """What a posterior covers: Kronecker layers and diagonal-block parameters.
-
-    ``specs``: the layers whose weight / bias get Kronecker blocks; ``diag_names``: every other
-    covered parameter (one diagonal block each); ``param_names``: all covered parameters in
-    ``model.named_parameters()`` order (the order of flat vectors and ``to_dense()``).
-    """
-
-    specs: list[LayerSpec]
-    diag_names: list[str]
-    param_names: list[str]
-
-
-def _functional_linears(named: list[tuple[str, nn.Module]]) -> set[int]:
-    """Ids of supported layers whose forward hooks never fire because their parent calls their
-    weight functionally: ``nn.MultiheadAttention.out_proj`` (``F.multi_head_attention_forward``).
-    Their parameters get diagonal blocks."""
-    out = set()
-    for _, m in named:
-        if isinstance(m, nn.MultiheadAttention):
-            out.update(id(c) for c in m.children() if isinstance(c, SUPPORTED_TYPES))
-    return out
-
-
-def _kron_capable(m: nn.Module, functional: set[int]) -> bool:
-    """A supported layer called as a module; convolutions with ``groups > 1``, a non-zero
-    ``padding_mode`` or string padding get diagonal blocks instead."""
-    if not isinstance(m, SUPPORTED_TYPES) or id(m) in functional:
-        return False
-    if isinstance(m, nn.Linear):
-        return True
-    return m.groups == 1 and m.padding_mode == "zeros" and not isinstance(m.padding, str)
-
-
-def select_layers(
-    model: nn.Module,
-    modules: None | str | Sequence[str | nn.Module] = None,
-    separate_bias: bool = False,
-) -> list[LayerSpec]:
-    """The Kronecker layers of :func:`select_coverage` (see there)."""
-    return select_coverage(model, modules, separate_bias).specs
-
-
-def select_coverage(
-    model: nn.Module,
-    modules: None | str | Sequence[str | nn.Module] = None,
-    separate_bias: bool = False,
-) -> Coverage:
-    """Resolve ``modules`` into Kronecker layers and diagonal-block parameters.
-
-    ``None`` covers every trainable parameter: the weight and bias of a supported layer
-    (nn.Linear, nn.Conv1d, nn.Conv2d whose forward is called) get Kronecker blocks, every other
-    parameter a diagonal block. ``"last_layer"`` covers the last supported layer only. A list
-    selects modules by name or object and covers every trainable parameter in their subtrees, in
-    the same way (Kronecker for supported layers, diagonal elsewhere). Parameters with
-    ``requires_grad=False`` are never covered.
-    """
-    named = [(n, m) for n, m in model.named_modules()]
-    with_params = [
-        (n, m) for n, m in named if any(p.requires_grad for p in m.parameters(recurse=False))
-    ]
-    if not with_params:
-        raise ValueError("the model has no trainable parameters to put a Laplace posterior on")
-    functional = _functional_linears(named)
-    if modules is None:
-        chosen = with_params
-    elif isinstance(modules, str):
-        if modules != "last_layer":
-            raise ValueError(
-                f"modules={modules!r} is not understood: use None (all layers), 'last_layer', "
-                "or a list of module names / modules"
-            )
-        sup = [(n, m) for n, m in with_params if _kron_capable(m, functional)]
-        if not sup:
-            raise ValueError(
-                "modules='last_layer': the model has no supported layer (nn.Linear, nn.Conv1d, "
-                "nn.Conv2d called as a module)"
-            )
-        chosen = [sup[-1]]
-    else:
-        by_name = dict(named)
-        by_id = {id(m): n for n, m in named}
-        roots = []
-        for item in modules:
-            if isinstance(item, str):
-                if item not in by_name:
-                    raise ValueError(f"modules: the model has no submodule named {item!r}")
-                roots.append(item)
-            elif isinstance(item, nn.Module):
-                if id(item) not in by_id:
-                    raise ValueError(f"modules: {type(item).__name__} is not a submodule of model")
-                roots.append(by_id[id(item)])
-            else:
-                raise TypeError(f"modules entries must be names or nn.Modules, got {type(item)}")
-        if not roots:
-            raise ValueError("modules is an empty list: select at least one layer")
-        inside = [
-            (n, m)
-            for n, m in with_params
-            if any(r == "" or n == r or n.startswith(r + ".") for r in roots)
-        ]
-        if not inside:
-            raise ValueError(f"modules {roots}: they hold no trainable parameters")
-        chosen = inside
-    kron = [(n, m) for n, m in chosen if _kron_capable(m, functional)]
-    specs = []
-    for n, m in kron:
-        prefix = f"{n}." if n else ""
-        w = prefix + "weight" if _trainable(m.weight) else None
-        b = prefix + "bias" if _trainable(getattr(m, "bias", None)) else None
-        if w is None and b is None:
-            raise ValueError(f"layer {n!r} has no trainable parameters")
-        specs.append(
-            LayerSpec(n, m, w, b, joint=(w is not None and b is not None and not separate_bias))
-        )
-    kron_names = {x for s in specs for x in (s.weight_name, s.bias_name) if x}
-    diag = {
-        (f"{n}." if n else "") + pn
-        for n, m in chosen
-        for pn, p in m.named_parameters(recurse=False)
-        if p.requires_grad
-    } - kron_names
-    _refuse_tied(model, diag | kron_names)
-    order = [n for n, _ in model.named_parameters()]
-    return Coverage(
-        specs,
-        [n for n in order if n in diag],
-        [n for n in order if n in diag or n in kron_names],
-    )
-
-
-def _refuse_tied(model: nn.Module, covered: set[str]) -> None:
-    """A parameter shared by several modules (tied weights) would be counted in two blocks."""
-    names: dict[int, list[str]] = {}
-    for n, p in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(p), []).append(n)
-    tied = [v for v in names.values() if len(v) > 1 and any(n in covered for n in v)]
-    if tied:
-        raise ValueError(
-            f"tied parameters {tied} are registered in several modules; a covered parameter must "
-            "be in one block. Cover one of the modules only (modules=[...]) or untie the weights"
-        )
 
 
 def _conv_geometry(module: nn.Module):

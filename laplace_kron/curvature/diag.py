@@ -19,11 +19,12 @@ import torch
 from torch import Tensor, nn
 
 from .batches import forward_batch, is_empty, iter_batches, to_device, warn_if_train_mode
-from .capture import Capture, select_coverage
+from .capture import Capture
 from .diagonal import DiagonalGradients
 from .gram import per_example_sq
 from .likelihoods import check_likelihood, output_gradient_vectors
 from .options import CurvatureOptions
+from .selection import select_coverage
 
 __all__ = ["DIAG_CHUNK", "fit_diagonal"]
 

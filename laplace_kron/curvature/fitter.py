@@ -22,11 +22,12 @@ from ..constants import POSTERIOR_CURVATURES
 from ..kron import KronBlock, KronCurvature
 from .accumulate import FactorAccumulator
 from .batches import iter_batches, num_targets, warn_if_train_mode
-from .capture import LayerSpec, select_coverage
+from .capture import LayerSpec
 from .checkpoint import Checkpoint, check_resumed_data, fit_settings
 from .likelihoods import check_likelihood
 from .options import CurvatureOptions
 from .parallel import check_same_pass, resolve_distributed, run_local, share_bases
+from .selection import select_coverage
 from .state import FitState
 
 __all__ = ["CurvatureFitter", "ekfac", "kfac"]
