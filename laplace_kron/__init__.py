@@ -2,12 +2,13 @@
 
 from .continual import OnlineLaplace
 from .curvature import ekfac, kfac
-from .kron import KronBlock, KronCurvature
+from .kron import DiagBlock, KronBlock, KronCurvature
 from .laplace import KronLaplace
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DiagBlock",
     "KronBlock",
     "KronCurvature",
     "KronLaplace",

@@ -28,6 +28,9 @@ from .spectrum import Spectrum
 
 __all__ = ["BlockOps", "DiagBlock"]
 
+Num = Tensor | float
+Fn = Callable[[Tensor], Tensor]
+
 
 class BlockOps:
     """The damped operations every block derives from ``eigvals()`` and ``apply_fn`` (shared by
@@ -154,14 +157,8 @@ class DiagBlock(BlockOps):
         """The identity: the matrix view is already in parameter order."""
         return torch.arange(self.n_params, device=self.device)
 
-    # ----------------------------------------------------------------------------- algebra
-    def apply_fn(
-        self,
-        mat: Tensor,
-        fn: Callable[[Tensor], Tensor] | None = None,
-        scale: Tensor | float = 1.0,
-        delta: Tensor | float = 0.0,
-    ) -> Tensor:
+    # ------------------------------------------------------------------ elementwise algebra
+    def apply_fn(self, mat: Tensor, fn: Fn | None = None, scale: Num = 1.0, delta: Num = 0.0):
         """``f(scale * H + delta I)`` applied to ``mat [..., P_block, 1]`` (elementwise)."""
         lam = self.damped_eigvals(scale, delta)
         return (lam if fn is None else fn(lam)) * mat
@@ -174,12 +171,7 @@ class DiagBlock(BlockOps):
         """``tr(scale * H + delta I)``."""
         return self.damped_eigvals(scale, delta).sum()
 
-    def to_dense(
-        self,
-        scale: Tensor | float = 1.0,
-        delta: Tensor | float = 0.0,
-        fn: Callable[[Tensor], Tensor] | None = None,
-    ) -> Tensor:
+    def to_dense(self, scale: Num = 1.0, delta: Num = 0.0, fn: Fn | None = None) -> Tensor:
         """Dense ``f(scale * H + delta I)`` ``[P_block, P_block]`` (tests only)."""
         lam = self.damped_eigvals(scale, delta)
         return torch.diag((lam if fn is None else fn(lam)).reshape(-1))

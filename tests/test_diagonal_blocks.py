@@ -246,3 +246,24 @@ def test_transformer_encoder_classifier():
     assert math.isfinite(float(la.log_marginal_likelihood()))
     p = la.predict(x)
     assert p.shape == (8, C) and torch.allclose(p.sum(-1), torch.ones(8))
+
+
+def test_fit_state_keeps_diagonal_sums():
+    from laplace_kron.curvature import CurvatureFitter
+
+    model = _model()
+    x, y = _data()
+    fitter = CurvatureFitter(model, "classification", fisher="exact")
+    curv = fitter.fit("kfac", [(x, y)])
+    state = fitter.state.state_dict()
+    assert len(state["D_sum"]) == len(DIAG)
+    other = CurvatureFitter(model, "classification", fisher="exact")
+    other.state.load_state_dict(state)
+    again = other.curvature(other.blocks(), "kfac")
+    torch.testing.assert_close(again.to_dense(), curv.to_dense())
+    bad = {**state, "D_sum": state["D_sum"][:-1]}
+    with pytest.raises(ValueError, match="D_sum must be a list"):
+        other.state.load_state_dict(bad)
+    bad = {**state, "D_sum": [t.flatten() for t in state["D_sum"]]}
+    with pytest.raises(ValueError, match="D_sum holds a tensor of shape"):
+        other.state.load_state_dict(bad)
