@@ -24,6 +24,7 @@ LAYERS = [
     "laplace_kron.links",
     "laplace_kron.metrics",
     "laplace_kron.distributed",
+    "laplace_kron.diagblock",
     "laplace_kron.kron",
     "laplace_kron.curvature",
     "laplace_kron.posterior",

@@ -5,13 +5,14 @@
 from . import optim
 from .continual import OnlineLaplace
 from .curvature import ekfac, kfac
-from .kron import KronBlock, KronCurvature
+from .kron import DiagBlock, KronBlock, KronCurvature
 from .laplace import KronLaplace
 from .training import marglik_training
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DiagBlock",
     "KronBlock",
     "KronCurvature",
     "KronLaplace",

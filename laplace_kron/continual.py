@@ -29,8 +29,8 @@ from torch import Tensor, nn
 from . import io
 from .constants import FILE_FORMATS, ONLINE_FORMAT
 from .curvature import CurvatureFitter, CurvatureOptions, fit_diagonal
-from .curvature.capture import select_layers
-from .kron import KronCurvature
+from .curvature.selection import select_coverage
+from .kron import DiagBlock, KronCurvature
 from .online_precision import BlockSum, DiagSum
 from .online_state import (
     check_decay,
@@ -149,10 +149,14 @@ class OnlineLaplace:
         if generator is None and fisher == "mc":
             generator = torch.Generator().manual_seed(0)
         self.generator = generator
-        specs = select_layers(model, modules, separate_bias)
-        covered = {n for s in specs for n in (s.weight_name, s.bias_name) if n}
+        coverage = select_coverage(model, modules, separate_bias)
         named = dict(model.named_parameters())
-        self.param_names: list[str] = [n for n in named if n in covered]
+        self.param_names: list[str] = coverage.param_names
+        # Parameters with a diagonal precision: all for "diag", else those without a Kronecker
+        # block (LayerNorm, embeddings, free parameters, ...), kept in the DiagSum.
+        self.diag_names: list[str] = (
+            list(coverage.param_names) if curvature == "diag" else coverage.diag_names
+        )
         self.param_shapes: list[torch.Size] = [named[n].shape for n in self.param_names]
         self.num_tasks = 0
         self.task_sizes: list[int] = []
@@ -250,7 +254,19 @@ class OnlineLaplace:
                 f"the curvature covers parameters {curv.param_names} but this OnlineLaplace covers "
                 f"{self.param_names}; use the same modules= for both"
             )
-        for b in curv.blocks:
+        diag = {
+            b.param_names[0]: b.values.reshape(b.param_shapes[0])
+            for b in curv.blocks
+            if isinstance(b, DiagBlock)
+        }
+        if sorted(diag) != sorted(self.diag_names):
+            raise ValueError(
+                f"the curvature has diagonal blocks for {sorted(diag)} but this OnlineLaplace "
+                f"expects them for {sorted(self.diag_names)}"
+            )
+        named = dict(self.model.named_parameters())
+        kron_blocks = [b for b in curv.blocks if not isinstance(b, DiagBlock)]
+        for b in kron_blocks:
             for name, t in (("G", b.G), ("A", b.A), ("eigenvalues", b.eigenvalues)):
                 if t is not None and not torch.isfinite(t).all():
                     raise ValueError(f"block {b.param_names}: factor {name} contains NaN or Inf")
@@ -258,17 +274,18 @@ class OnlineLaplace:
         if not self._blocks:
             self._blocks = [
                 BlockSum(list(b.param_names), list(b.param_shapes), b.bias_joint, ekfac_)
-                for b in curv.blocks
+                for b in kron_blocks
             ]
         layout_old = [(bs.param_names, bs.bias_joint) for bs in self._blocks]
-        layout_new = [(list(b.param_names), b.bias_joint) for b in curv.blocks]
+        layout_new = [(list(b.param_names), b.bias_joint) for b in kron_blocks]
         if layout_old != layout_new:
             raise ValueError(
                 f"the new curvature's blocks {layout_new} differ from the consolidated ones "
                 f"{layout_old}; fit every task with the same modules= and separate_bias="
             )
-        for bs, b in zip(self._blocks, curv.blocks):
+        for bs, b in zip(self._blocks, kron_blocks):
             bs.fold(b, self.decay, self.max_terms)
+        self._diag.fold(diag, self.decay, {n: named[n] for n in self.diag_names})
 
     # ------------------------------------------------------------------------- penalty
     def penalty(self, model: nn.Module | Mapping[str, Tensor] | None = None) -> Tensor:
@@ -288,12 +305,9 @@ class OnlineLaplace:
         if self.num_tasks == 0:
             return ref.new_zeros(())
         diffs = {n: named[n] - self.anchor[n] for n in self.param_names}
-        total = ref.new_zeros(())
-        if self.curvature_type == "diag":
-            total = total + self._diag.quadratic(diffs)
-        else:
-            for bs in self._blocks:
-                total = total + bs.quadratic(bs.params_to_mat([diffs[n] for n in bs.param_names]))
+        total = self._diag.quadratic({n: diffs[n] for n in self.diag_names}) + ref.new_zeros(())
+        for bs in self._blocks:
+            total = total + bs.quadratic(bs.params_to_mat([diffs[n] for n in bs.param_names]))
         if self.prior_precision > 0:
             total = total + self.prior_precision * sum((d * d).sum() for d in diffs.values())
         return 0.5 * self.strength * total
@@ -308,17 +322,17 @@ class OnlineLaplace:
         offsets = dict(zip(self.param_names, [sum(sizes[:i]) for i in range(len(sizes))]))
         ref = next(iter(self.anchor.values()))
         out = torch.zeros(P, P, dtype=ref.dtype, device=ref.device)
-        if self.curvature_type == "diag":
-            out += self._diag.to_dense(self.param_names)
-        else:
-            for bs in self._blocks:
-                idx = torch.cat(
-                    [
-                        torch.arange(offsets[n], offsets[n] + s.numel())
-                        for n, s in zip(bs.param_names, bs.param_shapes)
-                    ]
-                )
-                out[idx.unsqueeze(1), idx.unsqueeze(0)] = bs.to_dense()
+        for n in self.diag_names:
+            idx = torch.arange(offsets[n], offsets[n] + self._diag.values[n].numel())
+            out[idx, idx] = self._diag.values[n].flatten()
+        for bs in self._blocks:
+            idx = torch.cat(
+                [
+                    torch.arange(offsets[n], offsets[n] + s.numel())
+                    for n, s in zip(bs.param_names, bs.param_shapes)
+                ]
+            )
+            out[idx.unsqueeze(1), idx.unsqueeze(0)] = bs.to_dense()
         return out + self.prior_precision * torch.eye(P, dtype=out.dtype, device=out.device)
 
     # ------------------------------------------------------------------------- state and files

@@ -30,9 +30,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .diagblock import BlockOps, DiagBlock
 from .spectrum import Spectrum
 
-__all__ = ["Eigen", "KronBlock", "KronCurvature", "per_block", "symeig"]
+__all__ = ["Block", "DiagBlock", "Eigen", "KronBlock", "KronCurvature", "per_block", "symeig"]
 
 # Relative size below which an eigenvalue is treated as round-off and clamped to zero.
 _EIG_CLAMP = 1e-12
@@ -89,7 +90,7 @@ def symeig(factor: Tensor) -> Eigen:
 
 
 @dataclass
-class KronBlock:
+class KronBlock(BlockOps):
     """One curvature block ``G (x) A`` (or ``G`` alone for a bias), optionally EKFAC-corrected.
 
     Args:
@@ -179,10 +180,6 @@ class KronBlock:
             return self.eigenvalues
         return torch.outer(self.eig_G.values, self.eig_A.values)
 
-    def damped_eigvals(self, scale: Tensor | float = 1.0, delta: Tensor | float = 0.0) -> Tensor:
-        """Eigenvalues ``scale * lambda + delta`` of ``scale * K + delta * I``, ``[d_out, d_in]``."""
-        return scale * self.eigvals() + delta
-
     # ----------------------------------------------------------------------------- layouts
     def params_to_mat(self, params: Sequence[Tensor]) -> Tensor:
         """Stack parameter-shaped tensors (optional leading batch dims) into ``[..., d_out, d_in]``."""
@@ -248,36 +245,12 @@ class KronBlock:
             return scale * (self.G @ out) + delta * mat
         return self.apply_fn(mat, None, scale, delta)
 
-    def inv_matvec(self, mat: Tensor, scale: Tensor | float = 1.0, delta: Tensor | float = 0.0):
-        """``(scale * K + delta I)^{-1} vec(mat)`` in matrix form."""
-        return self.apply_fn(mat, torch.reciprocal, scale, delta)
-
-    def inv_sqrt_matvec(
-        self, mat: Tensor, scale: Tensor | float = 1.0, delta: Tensor | float = 0.0
-    ) -> Tensor:
-        """``(scale * K + delta I)^{-1/2} vec(mat)`` (symmetric inverse square root)."""
-        return self.apply_fn(mat, torch.rsqrt, scale, delta)
-
-    def logdet(self, scale: Tensor | float = 1.0, delta: Tensor | float = 0.0) -> Tensor:
-        """``log det(scale * K + delta I)`` (float64, differentiable in ``scale`` and ``delta``);
-        ``-inf`` for a singular block with ``delta = 0``. Computed by :mod:`~laplace_kron.spectrum`,
-        the library's one log-determinant path."""
-        return Spectrum.from_blocks([self.eigvals()]).logdet(scale, delta)
-
     def trace(self, scale: Tensor | float = 1.0, delta: Tensor | float = 0.0) -> Tensor:
         """``tr(scale * K + delta I)``."""
         if self.eigenvalues is None:
             tr_a = torch.ones((), dtype=self.dtype) if self.A is None else self.A.diagonal().sum()
             return scale * self.G.diagonal().sum() * tr_a + delta * self.n_params
         return (scale * self.eigenvalues + delta).sum()
-
-    def trace_inv(self, scale: Tensor | float = 1.0, delta: Tensor | float = 0.0) -> Tensor:
-        """``tr((scale * K + delta I)^{-1})``."""
-        return torch.reciprocal(self.damped_eigvals(scale, delta)).sum()
-
-    def quadratic(self, mat: Tensor, scale: Tensor | float = 1.0, delta: Tensor | float = 0.0):
-        """``vec(mat)^T (scale * K + delta I) vec(mat)`` for ``mat [..., d_out, d_in]`` -> ``[...]``."""
-        return (mat * self.matvec(mat, scale, delta)).sum(dim=(-2, -1))
 
     def param_permutation(self) -> Tensor:
         """Index ``perm`` with ``vec_param[perm] = mat.flatten()`` (Kronecker -> parameter order)."""
@@ -320,6 +293,11 @@ class KronBlock:
         )
 
 
+# A curvature block: Kronecker-factored, or diagonal (:mod:`~laplace_kron.diagblock`) for a
+# parameter no Kronecker factorisation covers. Both share the interface KronCurvature uses.
+Block = KronBlock | DiagBlock
+
+
 def per_block(value: Tensor | float, n_blocks: int) -> list[Tensor | float]:
     """Broadcast a scalar or a ``[n_blocks]`` tensor to one value per block (the one place where a
     prior precision is broadcast over blocks)."""
@@ -337,10 +315,13 @@ def per_block(value: Tensor | float, n_blocks: int) -> list[Tensor | float]:
 
 @dataclass
 class KronCurvature:
-    """Block-diagonal collection of :class:`KronBlock` mapped to a model's parameters.
+    """Block-diagonal collection of :class:`KronBlock` and :class:`DiagBlock` mapped to a model's
+    parameters.
 
     Attributes:
-        blocks: one block per covered layer (or per weight / bias when treated separately).
+        blocks: one Kronecker block per covered layer (or per weight / bias when treated
+            separately) and one diagonal block per other covered parameter, in the order of their
+            first parameter in ``model.named_parameters()``.
         param_names: covered parameter names in ``model.named_parameters()`` order; the order of
             :meth:`to_dense` and of flat parameter vectors.
         num_data: number of data points ``N`` the curvature was summed over.
@@ -353,7 +334,7 @@ class KronCurvature:
             Gaussian evidence; ``None`` (older states): ``num_data * n_outputs``.
     """
 
-    blocks: list[KronBlock]
+    blocks: list[Block]
     param_names: list[str]
     num_data: int
     likelihood: str = "classification"
@@ -395,7 +376,7 @@ class KronCurvature:
         """Number of parameters per block."""
         return [b.n_params for b in self.blocks]
 
-    def block_index(self, block: KronBlock) -> Tensor:
+    def block_index(self, block: Block) -> Tensor:
         """Positions of a block's parameter-order entries in the flat parameter vector."""
         return torch.cat(
             [

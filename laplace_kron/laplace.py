@@ -128,7 +128,7 @@ class KronLaplace(KronPosterior):
                 mc_samples=state["mc_samples"],
                 weight_sharing=state["weight_sharing"],
                 separate_bias=state["separate_bias"],
-                modules=[n.rsplit(".", 1)[0] for n in state["param_names"]] or None,
+                modules=_owners(state["param_names"]) or None,
             )
             # Batch options (files written before they existed hold the defaults).
             kw.update({k: state[k] for k in _BATCH_OPTIONS if k in state})
@@ -139,3 +139,9 @@ class KronLaplace(KronPosterior):
         except (ValueError, TypeError) as e:
             raise ValueError(f"the saved posterior {name} does not fit this model: {e}") from e
         return la.load_state_dict(state, name)
+
+
+def _owners(names: list[str]) -> list[str]:
+    """The modules owning the parameters ``names`` (``""``: the model itself), without repeats;
+    as ``modules=`` they cover exactly these parameters again."""
+    return list(dict.fromkeys(n.rsplit(".", 1)[0] if "." in n else "" for n in names))

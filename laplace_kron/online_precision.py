@@ -208,10 +208,6 @@ class DiagSum:
         """``sum_n sum(F_n * D_n^2)`` over the parameter differences ``diffs``, differentiable."""
         return sum((self.values[n] * d * d).sum() for n, d in diffs.items())
 
-    def to_dense(self, names: Sequence[str]) -> Tensor:
-        """``diag(F)`` ``[P, P]`` in the order of ``names``."""
-        return torch.diag(torch.cat([self.values[n].flatten() for n in names]))
-
 
 def _tensor_or_none(value: object, names: list[str], key: str, optional: bool) -> Tensor | None:
     if value is None and optional:

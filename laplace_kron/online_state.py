@@ -182,7 +182,8 @@ def _parse(state: Mapping, ol: OnlineLaplace) -> dict:
 
     diag = ol.curvature_type == "diag"
     new["anchor"] = _tensors(state["anchor"], names if tasks else [], named, "anchor", cast)
-    new["diag"] = _tensors(state["diag"], names if diag and tasks else [], named, "diag", cast)
+    # The diagonal precision: every parameter for "diag", the diagonal-block ones otherwise.
+    new["diag"] = _tensors(state["diag"], ol.diag_names if tasks else [], named, "diag", cast)
     if any(bool((d < 0).any()) for d in new["diag"].values()):
         raise ValueError("the diagonal curvature must be >= 0")
     entries = state["blocks"]
@@ -192,8 +193,9 @@ def _parse(state: Mapping, ol: OnlineLaplace) -> dict:
     ekfac = ol.curvature_type == "ekfac"
     new["blocks"] = [BlockSum.from_state(e, shapes_by_name, ekfac, cast) for e in entries]
     covered = sorted(n for bs in new["blocks"] for n in bs.param_names)
-    if not diag and tasks and covered != sorted(names):
-        raise ValueError(f"the blocks cover {covered}, not each of {names} once")
+    kron_names = [n for n in names if n not in set(ol.diag_names)]
+    if not diag and tasks and covered != sorted(kron_names):
+        raise ValueError(f"the blocks cover {covered}, not each of {kron_names} once")
     counts = sorted({len(bs.terms) for bs in new["blocks"]})
     if counts and (len(counts) > 1 or not 1 <= counts[0] <= tasks):
         raise ValueError(f"the blocks hold {counts} terms, not one count in 1..{tasks}")

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from . import io
 from .constants import LIKELIHOODS, POSTERIOR_CURVATURES
 from .curvature import CurvatureFitter, CurvatureOptions, LayerSpec
-from .kron import KronBlock, KronCurvature, per_block
+from .kron import DiagBlock, KronBlock, KronCurvature, per_block
 from .spectrum import Spectrum
 from .validation import Checked, positive, positive_int
 
@@ -195,7 +195,7 @@ class KronPosterior:
 
     @property
     def n_blocks(self) -> int:
-        """Number of Kronecker blocks (the length of a per-layer prior precision)."""
+        """Number of blocks, Kronecker and diagonal (the length of a per-block prior precision)."""
         return len(self.require_fit().blocks)
 
     def flat_parameters(self) -> Tensor:
@@ -290,17 +290,7 @@ class KronPosterior:
             "sse": curv.sse,
             "n_outputs": curv.n_outputs,
             "kind": curv.kind,
-            "blocks": [
-                {
-                    "G": b.G.clone(),
-                    "A": None if b.A is None else b.A.clone(),
-                    "eigenvalues": None if b.eigenvalues is None else b.eigenvalues.clone(),
-                    "param_names": list(b.param_names),
-                    "param_shapes": [list(s) for s in b.param_shapes],
-                    "bias_joint": b.bias_joint,
-                }
-                for b in curv.blocks
-            ],
+            "blocks": [_block_state(b) for b in curv.blocks],
         }
 
     def load_state_dict(self, state: dict, name: str = "the state") -> KronPosterior:
@@ -359,19 +349,41 @@ class KronPosterior:
             raise ValueError(f"{name} is malformed: unknown curvature {state['kind']!r}")
 
 
+def _block_state(b: KronBlock | DiagBlock) -> dict:
+    """A block as plain data. A diagonal block is ``{"diag": values shaped like the parameter,
+    "param_names", "param_shapes"}``; a Kronecker block has ``G``, ``A``, ``eigenvalues`` and
+    ``bias_joint`` instead of ``diag``."""
+    names, shapes = list(b.param_names), [list(s) for s in b.param_shapes]
+    if isinstance(b, DiagBlock):
+        values = b.values.reshape(b.param_shapes[0]).clone()
+        return {"diag": values, "param_names": names, "param_shapes": shapes}
+    return {
+        "G": b.G.clone(),
+        "A": None if b.A is None else b.A.clone(),
+        "eigenvalues": None if b.eigenvalues is None else b.eigenvalues.clone(),
+        "param_names": names,
+        "param_shapes": shapes,
+        "bias_joint": b.bias_joint,
+    }
+
+
+def _parse_block(b: dict) -> KronBlock | DiagBlock:
+    """Inverse of :func:`_block_state`, validated (ValueError for a malformed entry)."""
+    names, shapes = list(b["param_names"]), [torch.Size(s) for s in b["param_shapes"]]
+    if "diag" not in b:
+        return KronBlock(b["G"], b["A"], names, shapes, bool(b["bias_joint"]), b["eigenvalues"])
+    extra = sorted(set(b) - {"diag", "param_names", "param_shapes"})
+    if extra:
+        raise ValueError(f"diagonal block {names} has Kronecker entries {extra}")
+    values = b["diag"]
+    if not isinstance(values, Tensor) or len(shapes) != 1 or values.shape != shapes[0]:
+        raise ValueError(f"diagonal block {names}: its values do not have the parameter's shape")
+    return DiagBlock(values, names, shapes)
+
+
 def _parse_state(state: dict) -> tuple[KronCurvature, Tensor, tuple[Tensor, Tensor, float]]:
     """The curvature, mean and ``(prior_precision, sigma_noise, temperature)`` of a state."""
-    blocks = [
-        KronBlock(
-            b["G"],
-            b["A"],
-            list(b["param_names"]),
-            [torch.Size(s) for s in b["param_shapes"]],
-            bool(b["bias_joint"]),
-            b["eigenvalues"],
-        )
-        for b in state["blocks"]
-    ]
+    blocks = [_parse_block(b) for b in state["blocks"]]
     curv = KronCurvature(
         blocks,
         list(state["param_names"]),

@@ -52,7 +52,8 @@ from .curvature.batches import (
     slice_inputs,
 )
 from .curvature.capture import Capture, LayerSpec, flatten_output
-from .kron import KronBlock
+from .curvature.diagonal import DiagonalGradients
+from .kron import DiagBlock, KronBlock
 from .links import centered_probit, gaussian_samples, laplace_bridge, probit
 from .posterior import KronPosterior
 from .sampling import check_differentiable, check_predictable, parameter_sample_outputs
@@ -87,8 +88,8 @@ def _validate(method: str, link: str, n_samples: int, chunk_size: int) -> None:
 class _Plan:
     """A block, the index of its layer in the capture, and its damping."""
 
-    block: KronBlock
-    layer: int
+    block: KronBlock | DiagBlock
+    layer: int  # -1 for a diagonal block (no layer: per-example Jacobians, _diag_moments)
     scale: Tensor
     delta: Tensor
 
@@ -110,6 +111,9 @@ def _plans(la: KronPosterior) -> tuple[list[LayerSpec], list[_Plan]]:
     scale = la.precision_scale().to(dtype)
     plans = []
     for b, d in zip(curv.blocks, la.block_deltas(), strict=True):
+        if isinstance(b, DiagBlock):
+            plans.append(_Plan(b, -1, scale, d.to(dtype)))
+            continue
         layers = {owner.get(n) for n in b.param_names}
         if len(layers) != 1 or None in layers:
             raise RuntimeError(
@@ -207,6 +211,25 @@ def _block_moments(
     return out
 
 
+def _diag_moments(
+    grads: DiagonalGradients, plans: list[_Plan], x: Inputs, C: int, diag: bool, linvs: dict
+) -> Tensor:
+    """The diagonal blocks' contribution to ``J Sigma J^T`` for inputs ``x``: ``[b, C]`` or
+    ``[b, C, C]``, ``sum_i J_{k,i} J_{k',i} / (c h_i + delta)`` with the per-example Jacobians
+    ``J [b', C, P_block]`` of the diagonal parameters, built for chunks of ``b'`` examples."""
+    b = input_batch_size(x)
+    eye = torch.eye(C, dtype=plans[0].block.dtype, device=plans[0].block.device)
+    out = eye.new_zeros((b, C) if diag else (b, C, C))
+    for start, jac in grads.per_example(x, eye.unsqueeze(1).expand(C, b, C)):
+        with torch.no_grad():
+            for plan in plans:
+                J = jac[plan.block.param_names[0]].flatten(2)  # [b', C, P_block]
+                w = linvs[id(plan)].reshape(-1)
+                part = (J.square() * w).sum(-1) if diag else (J * w) @ J.mT
+                out[start : start + J.shape[0]] += part
+    return out
+
+
 def _output_gradients(
     cap: Capture, specs: list[LayerSpec], f: Tensor, vectorize: bool
 ) -> tuple[list[Tensor], bool]:
@@ -214,6 +237,8 @@ def _output_gradients(
     ``[C, b, T, d_out]``. One vmapped backward pass (``is_grads_batched``) when ``vectorize``,
     else (or if vmap fails) one backward pass per output. Returns whether vmap worked."""
     b, C = f.shape
+    if not specs:  # only diagonal blocks
+        return [], vectorize
     vectors = torch.eye(C, dtype=f.dtype, device=f.device).unsqueeze(1).expand(C, b, C)
     if vectorize:
         outs = [o for s in specs for o in s.outputs]
@@ -282,6 +307,11 @@ def _glm(
     positive_int("chunk_size", chunk_size)
     B = input_batch_size(x, batch_size_fn)
     specs, plans = _plans(la)
+    diag_plans = [p for p in plans if p.layer < 0]
+    plans = [p for p in plans if p.layer >= 0]
+    diag_grads = DiagonalGradients(
+        la.model, [p.block.param_names[0] for p in diag_plans], chunk_size, vectorize
+    )
     _check_at_mean(la)
     if batch_size is None:
         batch_size = max(1, chunk_size // _per_example_elements(la, specs, x, B))
@@ -313,6 +343,12 @@ def _glm(
                     linvs[j] = plan.inv_eigvals()
                 part = _block_moments(plan, a, g, diag, chunk_size, linvs[j])
                 acc = part if acc is None else acc.add_(part)
+        if diag_plans:
+            for plan in diag_plans:
+                linvs.setdefault(id(plan), plan.inv_eigvals())
+            part = _diag_moments(diag_grads, diag_plans, xb, f2.shape[1], diag, linvs)
+            acc = part if acc is None else acc.add_(part)
+        with torch.no_grad():
             fs.append(f2.detach())
             covs.append(acc)
             del grads, inputs

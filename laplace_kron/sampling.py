@@ -13,10 +13,13 @@ The closed-form GLM predictive (and the ``glm`` sampling method) is in
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
 from torch.func import functional_call, jvp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .curvature import batches
 from .curvature.batches import BatchSizeFn, Inputs
@@ -39,6 +42,23 @@ def check_differentiable(what: str) -> None:
             f"{what} differentiates the network and cannot run inside torch.inference_mode(); "
             "call it outside (torch.no_grad() is fine) or use method='nn'"
         )
+
+
+@contextmanager
+def _mha_fastpath(enabled: bool) -> Iterator[None]:
+    """Unless ``enabled``, use the unfused attention paths inside (``glm_mc``): the fused
+    ``nn.MultiheadAttention`` kernel and the flash / memory-efficient attention kernels have no
+    forward-mode derivative; the math kernel computes the same function and has one."""
+    before = torch.backends.mha.get_fastpath_enabled()
+    if enabled:
+        yield
+        return
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel([SDPBackend.MATH]):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)
 
 
 def parameter_sample_outputs(
@@ -72,7 +92,7 @@ def parameter_sample_outputs(
             return f0 + jv
         return call(post.unflatten(theta))
 
-    with torch.no_grad():
+    with torch.no_grad(), _mha_fastpath(method != "glm_mc"):
         f = batches.checked_forward(
             model, batches.slice_inputs(x, 0, 1, B), 1
         )  # validates, gives the shape

@@ -222,22 +222,28 @@ def test_model_returning_a_tuple():
         ),
     ],
 )
-def test_unsupported_layers_are_named_with_the_fix(factory, name):
-    model = factory()
-    with pytest.raises(ValueError, match=f"unsupported layers with trainable parameters: {name}"):
-        KronLaplace(model, "classification")
-    with pytest.raises(ValueError, match="modules='last_layer'"):
-        KronLaplace(model, "classification", curvature="ekfac")
-    # the offered fix works: last-layer Laplace over the supported head
-    la = KronLaplace(model.eval(), "classification", modules="last_layer")
+def test_other_layers_get_diagonal_blocks(factory, name):
+    # Issue 15: layers without a Kronecker factorisation get diagonal blocks instead of a refusal.
+    model = factory().eval()
     if isinstance(model, LSTMNet):
         x = torch.randn(6, 3, 4)
     elif isinstance(model[0], nn.Embedding):
         x = torch.randint(0, 10, (6, 2))
     else:
         x = torch.randn(6, 4)
-    la.fit([(x, torch.tensor([0, 1, 2, 0, 1, 2]))])
+    data = [(x, torch.tensor([0, 1, 2, 0, 1, 2]))]
+    la = KronLaplace(model, "classification").fit(data)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert la.param_names == trainable
+    kinds = {type(b).__name__ for b in la.curvature.blocks}
+    assert kinds == {"KronBlock", "DiagBlock"}
+    assert torch.isfinite(la.log_marginal_likelihood())
+    # last-layer Laplace over the supported head still works
+    la = KronLaplace(model, "classification", modules="last_layer").fit(data)
     assert la.param_names[-1].endswith("bias") and torch.isfinite(la.log_marginal_likelihood())
+    if name.startswith("1"):  # batch-norm in train mode: refused for the diagonal blocks
+        with pytest.raises(ValueError, match=r"batch-norm layers \['1'\] are in train mode"):
+            KronLaplace(model.train(), "classification").fit(data)
 
 
 def test_train_mode_dropout_and_batchnorm_warn():

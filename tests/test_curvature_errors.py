@@ -17,10 +17,15 @@ def _data(lik="classification", d_out=3, n=6):
     return [(x, y)]
 
 
-def test_unsupported_layer_is_named_with_the_fix():
+def test_other_layers_get_diagonal_blocks():
     model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Linear(5, 3)).eval()
-    with pytest.raises(ValueError, match=r"1 \(BatchNorm1d\).*modules="):
-        lk.kfac(model, _data(), "classification")
+    curv = lk.kfac(model, _data(), "classification")
+    assert [type(b).__name__ for b in curv.blocks] == [
+        "KronBlock",
+        "DiagBlock",
+        "DiagBlock",
+        "KronBlock",
+    ]
     # choosing the supported modules works; frozen parameters are skipped
     curv = lk.kfac(model, _data(), "classification", modules=["0", "2"])
     assert curv.param_names == ["0.weight", "0.bias", "2.weight", "2.bias"]
@@ -96,9 +101,9 @@ def test_bad_options():
         lk.kfac(MLP(), _data(), "classification", modules="first_layer")
     with pytest.raises(ValueError, match=r"\(inputs, targets\) pairs"):
         lk.kfac(MLP(), [torch.randn(3, 4)], "classification")
-    conv = nn.Sequential(nn.Conv2d(2, 2, 3, groups=2), nn.Flatten())
-    with pytest.raises(ValueError, match="groups=2"):
-        lk.kfac(conv, [(torch.randn(2, 2, 3, 3), torch.zeros(2, 2))], "regression")
+    conv = nn.Sequential(nn.Conv2d(2, 2, 3, groups=2), nn.Flatten())  # diagonal blocks
+    curv = lk.kfac(conv, [(torch.randn(2, 2, 3, 3), torch.zeros(2, 2))], "regression")
+    assert [type(b).__name__ for b in curv.blocks] == ["DiagBlock"] * 2
 
 
 def test_train_mode_dropout_warns():

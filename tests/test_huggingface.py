@@ -2,7 +2,8 @@
 
 (a) a peft LoRA adapter on a tiny Llama causal LM (padded dict batches, ``shift_labels``),
 (b) a tiny BERT sequence classifier with dict batches (its ``nn.Linear`` layers),
-(c) GPT-2 (``Conv1D``, not covered by the hooks yet): refused with a clear message.
+(c) a whole GPT-2 (``Conv1D``, LayerNorm, embeddings, the tied ``lm_head``): diagonal blocks
+    where module hooks do not see the layer, padded = unpadded, the tied weight exact.
 """
 
 from __future__ import annotations
@@ -166,11 +167,66 @@ def test_bert_classifier_dict_batches_fit_tune_predict():
     torch.testing.assert_close(p.sum(-1), torch.ones(3, dtype=DT))
 
 
-def test_gpt2_conv1d_is_refused_clearly():
+def _gpt2():
     torch.manual_seed(0)
     cfg = transformers.GPT2Config(
         vocab_size=VOCAB, n_embd=8, n_layer=1, n_head=2, n_positions=16, attn_implementation="eager"
     )
-    model = transformers.GPT2LMHeadModel(cfg).to(DT).eval()
-    with pytest.raises(ValueError, match=r"unsupported layers.*Conv1D"):
-        lk.KronLaplace(model, "classification", shift_labels=True)
+    return transformers.GPT2LMHeadModel(cfg).to(DT).eval()
+
+
+def test_gpt2_full_network_padded_equals_unpadded():
+    """A whole GPT-2 (Conv1D projections, LayerNorm, token and position embeddings, the tied
+    lm_head) is covered with ``modules=None``: the Conv1D weights, norms, embeddings and the tied
+    wte / lm_head weight get diagonal blocks, one for all uses of the tied weight; padding changes
+    nothing; the prior is tuned and token probabilities predicted."""
+    model = _gpt2()
+    n_params = sum(p.numel() for p in model.parameters())
+    seqs = _sequences()
+    batch = _padded(seqs)
+    kw = dict(fisher="exact", shift_labels=True)
+    la = lk.KronLaplace(model, "classification", **kw).fit([batch])
+    assert la.n_params == n_params  # every trainable parameter, the tied one once
+    single = [_padded([s]) for s in seqs]
+    one = lk.KronLaplace(model, "classification", **kw).fit(single)
+    for b1, b2 in zip(la.curvature.blocks, one.curvature.blocks, strict=True):
+        torch.testing.assert_close(b1.eigvals(), b2.eigvals(), rtol=1e-9, atol=1e-12)
+    ev1, ev2 = la.log_marginal_likelihood(), one.log_marginal_likelihood()
+    assert abs(float(ev1) - float(ev2)) < 1e-9 * abs(float(ev2))
+    la.optimize_prior_precision()
+    p = la.predict({k: v for k, v in batch.items() if k != "labels"})
+    assert p.shape == (3, max(LENGTHS), VOCAB)
+    torch.testing.assert_close(p.sum(-1), torch.ones(p.shape[:2], dtype=DT))
+
+
+def test_gpt2_tied_weight_diagonal_is_exact():
+    """The tied wte / lm_head weight's diagonal block equals the exact GGN diagonal of the
+    shifted token loss (torch.func over both uses), on one padded sequence pair."""
+    model = _gpt2()
+    batch = _padded(_sequences()[:2])
+    la = lk.KronLaplace(model, "classification", fisher="exact", shift_labels=True).fit([batch])
+    name = "transformer.wte.weight"
+    (blk,) = [b for b in la.curvature.blocks if b.param_names == [name]]
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    exact = torch.zeros_like(params[name])
+    for i in range(ids.shape[0]):
+
+        def logits(w, i=i):
+            out = functional_call(
+                model,
+                {**params, name: w},
+                (),
+                {"input_ids": ids[i : i + 1], "attention_mask": mask[i : i + 1]},
+            )
+            return out.logits[0, :-1]  # [T-1, V], paired with labels[1:]
+
+        J = jacrev(logits)(params[name])  # [T-1, V, *w]
+        p = torch.softmax(logits(params[name]), -1)
+        for t in range(J.shape[0]):
+            if labels[i, t + 1] == -100:
+                continue
+            H = torch.diag(p[t]) - torch.outer(p[t], p[t])
+            Jt = J[t].reshape(VOCAB, -1)
+            exact += torch.einsum("ci,cd,di->i", Jt, H, Jt).reshape(exact.shape)
+    torch.testing.assert_close(blk.eigvals().reshape(exact.shape), exact, rtol=1e-8, atol=1e-12)

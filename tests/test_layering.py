@@ -24,6 +24,7 @@ RANKS: dict[str, int] = {
     "spectrum": 1,
     "links": 1,
     "metrics": 1,
+    "diagblock": 2,
     "kron": 2,
     "curvature.": 3,  # the curvature package's modules
     "curvature": 4,  # its __init__

@@ -38,8 +38,9 @@ import torch
 from torch import Tensor, nn
 
 from ..kron import KronBlock
-from .batches import FitBatch, forward_batch, group_by_datum, is_empty, mask_padding
+from .batches import FitBatch, forward_batch, group_by_datum, is_empty, mask_padding, to_device
 from .capture import Capture, LayerSpec, Workspace, native_to_weight_order
+from .diagonal import DiagonalGradients, example_cotangents
 from .gram import gram_lower_, mirror_, per_example_sq
 from .likelihoods import (
     iter_output_gradient_vectors,
@@ -73,6 +74,11 @@ class FactorAccumulator:
         self.options, self.state = options, state
         self._orders = [input_order(s, state.device) for s in specs]
         self._work = Workspace()
+        # Diagonal blocks: per-example gradients from the same output-gradient vectors.
+        self._diag = None
+        if state.diag:
+            shift = options.shift_labels
+            self._diag = DiagonalGradients(model, list(state.diag), shift_labels=shift)
 
     def clear(self) -> None:
         """Free the scratch buffers."""
@@ -109,7 +115,7 @@ class FactorAccumulator:
                         self._add_A(li, self._inputs(cap, spec, b.num_data), b.positions)
             closed = self._closed_form_G(b)
             # One output-gradient vector at a time: G needs only sums over vectors.
-            for grads in self._output_gradients(cap, b):
+            for grads in self._output_gradients(cap, b, x):
                 with torch.no_grad():
                     for li, g in enumerate(grads):
                         if li not in closed:
@@ -122,10 +128,11 @@ class FactorAccumulator:
             st.num_data += b.num_data
             st.n_observed += b.observed()
 
-    def _output_gradients(self, cap: Capture, b: FitBatch) -> Iterator[list[Tensor]]:
+    def _output_gradients(self, cap: Capture, b: FitBatch, x=None) -> Iterator[list[Tensor]]:
         """Per output-gradient vector, the layers' output-gradients ``[1, N, T, d_out]`` (grouped
         by datum, padded positions zeroed); the vectors are drawn in chunks
-        (:func:`iter_output_gradient_vectors`) and vanish at unobserved targets."""
+        (:func:`iter_output_gradient_vectors`) and vanish at unobserved targets. With the inputs
+        ``x``, each chunk of vectors is also added to the diagonal blocks' sums."""
         o = self.options
         chunks = iter_output_gradient_vectors(
             b.f, b.y, self.likelihood, o.fisher, o.mc_samples, self.state.generator
@@ -134,6 +141,7 @@ class FactorAccumulator:
         def grouped(vectors: Tensor, retain: bool) -> Iterator[list[Tensor]]:
             if b.keep is not None:
                 vectors = vectors * b.keep
+            self._add_diag(cap, x, vectors, b.num_data)
             for grads in cap.iter_output_gradients(b.f, vectors, retain_graph=retain):
                 yield [
                     mask_padding(group_by_datum(g, b.num_data, s.name, lead=1), b.positions)
@@ -145,6 +153,18 @@ class FactorAccumulator:
             yield from grouped(vectors, True)
             vectors = following
         yield from grouped(vectors, False)
+
+    def _add_diag(self, cap: Capture, x, vectors: Tensor, num_data: int) -> None:
+        """``D_sum += sum_{n,k} grad_{n,k}^2`` for vectors ``[K, M, C]`` over the ``M`` output
+        rows, ``M / N`` rows per datum (diagonal blocks)."""
+        if x is None or self._diag is None:
+            return
+        self._diag.check_mode()
+        exact = self.options.fisher == "exact"
+        per_datum = example_cotangents(vectors.detach(), num_data, separate_rows=exact)
+        with cap.paused():
+            sums = self._diag.squared_sums(to_device(x, self.state.device), per_datum)
+        self.state.add_diag(sums)
 
     def _output_layers(self, f: Tensor) -> set[int]:
         """Layers whose output *is* the network output ``f``, when the exact Fisher makes their

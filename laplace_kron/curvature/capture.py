@@ -1,4 +1,4 @@
-"""Which layers to cover, and hooks recording their inputs and output-gradients.
+"""Hooks recording the covered layers' inputs and output-gradients (which layers: selection.py).
 
 Each covered layer is seen as ``y = W a + b`` applied at ``T`` shared positions per datum:
 ``T = prod`` of the middle axes for ``nn.Linear`` on ``[B, ..., D]`` and the number of output
@@ -11,14 +11,14 @@ output-gradient vectors backpropagated from the network output.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-SUPPORTED_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
+from .selection import SUPPORTED_TYPES, LayerSpec, select_layers
 
 __all__ = [
     "LayerSpec",
@@ -30,141 +30,6 @@ __all__ = [
     "native_to_weight_order",
     "unfold_input",
 ]
-
-
-@dataclass
-class LayerSpec:
-    """A covered layer and how its parameters map to Kronecker blocks.
-
-    ``weight_name`` / ``bias_name`` are full parameter names (``None`` if absent or frozen).
-    ``joint`` means one block over the augmented weight ``[W | b]``; otherwise weight and bias get
-    separate blocks (the bias block has the single factor ``G``).
-    """
-
-    name: str
-    module: nn.Module
-    weight_name: str | None
-    bias_name: str | None
-    joint: bool
-    inputs: list[Tensor] = field(default_factory=list, repr=False)
-    outputs: list[Tensor] = field(default_factory=list, repr=False)
-
-    @property
-    def d_out(self) -> int:
-        m = self.module
-        return m.out_features if isinstance(m, nn.Linear) else m.out_channels
-
-    @property
-    def d_in(self) -> int:
-        """Input size of the weight matrix view (without the bias column)."""
-        m = self.module
-        if isinstance(m, nn.Linear):
-            return m.in_features
-        return m.weight[0].numel()
-
-    @property
-    def has_weight(self) -> bool:
-        return self.weight_name is not None
-
-    @property
-    def has_bias(self) -> bool:
-        return self.bias_name is not None
-
-
-def _trainable(p: nn.Parameter | None) -> bool:
-    return p is not None and p.requires_grad
-
-
-def select_layers(
-    model: nn.Module,
-    modules: None | str | Sequence[str | nn.Module] = None,
-    separate_bias: bool = False,
-) -> list[LayerSpec]:
-    """Resolve ``modules`` into the covered layers, in ``model.named_modules()`` order.
-
-    ``None`` covers every module with trainable parameters and fails, naming them, if any is not a
-    supported type. ``"last_layer"`` covers the last supported module with trainable parameters.
-    A list selects modules by name or by object. Parameters with ``requires_grad=False`` are skipped.
-    """
-    named = [(n, m) for n, m in model.named_modules()]
-    with_params = [
-        (n, m) for n, m in named if any(p.requires_grad for p in m.parameters(recurse=False))
-    ]
-    if not with_params:
-        raise ValueError("the model has no trainable parameters to put a Laplace posterior on")
-    if modules is None:
-        bad = [f"{n or '<root>'} ({type(m).__name__})" for n, m in with_params]
-        bad = [b for (n, m), b in zip(with_params, bad) if not isinstance(m, SUPPORTED_TYPES)]
-        if bad:
-            raise ValueError(
-                "unsupported layers with trainable parameters: "
-                + ", ".join(bad)
-                + ". Supported: nn.Linear, nn.Conv1d, nn.Conv2d (groups=1). Pass modules=[...] "
-                "(names or modules) or modules='last_layer' to cover only supported layers, or "
-                "freeze the others with requires_grad_(False)."
-            )
-        chosen = with_params
-    elif isinstance(modules, str):
-        if modules != "last_layer":
-            raise ValueError(
-                f"modules={modules!r} is not understood: use None (all layers), 'last_layer', "
-                "or a list of module names / modules"
-            )
-        sup = [(n, m) for n, m in with_params if isinstance(m, SUPPORTED_TYPES)]
-        if not sup:
-            raise ValueError("modules='last_layer': the model has no supported layer")
-        chosen = [sup[-1]]
-    else:
-        by_name = dict(named)
-        by_id = {id(m): n for n, m in named}
-        chosen = []
-        for item in modules:
-            if isinstance(item, str):
-                if item not in by_name:
-                    raise ValueError(f"modules: the model has no submodule named {item!r}")
-                chosen.append((item, by_name[item]))
-            elif isinstance(item, nn.Module):
-                if id(item) not in by_id:
-                    raise ValueError(f"modules: {type(item).__name__} is not a submodule of model")
-                chosen.append((by_id[id(item)], item))
-            else:
-                raise TypeError(f"modules entries must be names or nn.Modules, got {type(item)}")
-        if not chosen:
-            raise ValueError("modules is an empty list: select at least one layer")
-        for n, m in chosen:
-            if not isinstance(m, SUPPORTED_TYPES):
-                raise ValueError(
-                    f"module {n!r} ({type(m).__name__}) is not supported; supported: nn.Linear, "
-                    "nn.Conv1d, nn.Conv2d"
-                )
-        order = {n: i for i, (n, _) in enumerate(named)}
-        chosen = sorted(dict(chosen).items(), key=lambda kv: order[kv[0]])
-
-    specs = []
-    for n, m in chosen:
-        if isinstance(m, (nn.Conv1d, nn.Conv2d)):
-            if m.groups != 1:
-                raise ValueError(
-                    f"layer {n!r}: convolutions with groups={m.groups} are not supported"
-                )
-            if m.padding_mode != "zeros":
-                raise ValueError(
-                    f"layer {n!r}: padding_mode={m.padding_mode!r} is not supported (only 'zeros')"
-                )
-            if isinstance(m.padding, str):
-                raise ValueError(
-                    f"layer {n!r}: string padding {m.padding!r} is not supported; give explicit "
-                    "integer padding"
-                )
-        prefix = f"{n}." if n else ""
-        w = prefix + "weight" if _trainable(m.weight) else None
-        b = prefix + "bias" if _trainable(getattr(m, "bias", None)) else None
-        if w is None and b is None:
-            raise ValueError(f"layer {n!r} has no trainable parameters")
-        specs.append(
-            LayerSpec(n, m, w, b, joint=(w is not None and b is not None and not separate_bias))
-        )
-    return specs
 
 
 def _conv_geometry(module: nn.Module):
@@ -334,6 +199,7 @@ class Capture:
     def __init__(self, specs: Iterable[LayerSpec]):
         self.specs = list(specs)
         self._handles: list = []
+        self._paused = False
 
     def __enter__(self) -> Capture:
         for spec in self.specs:
@@ -341,6 +207,8 @@ class Capture:
             spec.outputs.clear()
 
             def hook(mod, inp, out, spec=spec):
+                if self._paused:
+                    return
                 spec.inputs.append(inp[0].detach())
                 spec.outputs.append(out)
 
@@ -351,6 +219,16 @@ class Capture:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Record nothing inside (other forward passes, e.g. the diagonal blocks' per-example
+        calls, must not add to the captured calls)."""
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = False
 
     def clear(self) -> None:
         for spec in self.specs:
@@ -367,6 +245,13 @@ class Capture:
         """``[B, T, d_in (+1)]`` unfolded inputs of all calls, with a ones column if joint (and
         ``augment``); columns in weight order, or in :func:`native_patches` order (written into
         ``workspace`` buffers if given) if ``native``."""
+        if not spec.inputs:
+            raise ValueError(
+                f"layer {spec.name!r} ({type(spec.module).__name__}) was never called as a module "
+                "in the forward pass (its weight is used functionally, e.g. F.linear(x, "
+                "layer.weight)), so its Kronecker factors cannot be captured. Leave it out of "
+                "modules=[...] or freeze it with requires_grad_(False)"
+            )
         ones = spec.joint and augment
         if native and workspace is not None:
             parts = [
@@ -400,6 +285,9 @@ class Capture:
                     "wrapped in torch.no_grad()?"
                 )
         K = vectors.shape[0]
+        if not outs:  # no Kronecker layers (only diagonal blocks): nothing to backpropagate
+            yield from ([] for _ in range(K))
+            return
         for k in range(K):
             grads = torch.autograd.grad(
                 f,

@@ -7,7 +7,8 @@ with ``s_k`` the output-gradient vectors of
 ``fisher="exact"``, its MC / empirical estimate otherwise). The per-example gradient of a layer's
 weight is ``sum_t g_t a_t^T`` (``t``: shared positions), built from the same captured inputs ``a``
 and output-gradients ``g`` as KFAC and squared before summing over data; a separate bias gets
-``(sum_t g_t)^2``.
+``(sum_t g_t)^2``. Parameters outside the supported layers get the same diagonal as the
+posterior's diagonal blocks (:class:`~laplace_kron.curvature.diagonal.DiagonalGradients`).
 """
 
 from __future__ import annotations
@@ -23,12 +24,15 @@ from .batches import (
     is_empty,
     iter_batches,
     mask_padding,
+    to_device,
     warn_if_train_mode,
 )
-from .capture import Capture, select_layers
+from .capture import Capture
+from .diagonal import DiagonalGradients, example_cotangents
 from .gram import per_example_sq
 from .likelihoods import check_likelihood, output_gradient_vectors
 from .options import CurvatureOptions
+from .selection import select_coverage
 
 __all__ = ["DIAG_CHUNK", "fit_diagonal"]
 
@@ -52,10 +56,12 @@ def fit_diagonal(
     check_likelihood(likelihood)
     options = CurvatureOptions() if options is None else options
     warn_if_train_mode(model, "fitting", stacklevel=2)
-    specs = select_layers(model, options.modules, options.separate_bias)
+    coverage = select_coverage(model, options.modules, options.separate_bias)
+    specs = coverage.specs
     named = dict(model.named_parameters())
-    covered = {n for s in specs for n in (s.weight_name, s.bias_name) if n}
-    device = next(p for n, p in named.items() if n in covered).device
+    device = named[coverage.param_names[0]].device
+    others = DiagonalGradients(model, coverage.diag_names, shift_labels=options.shift_labels)
+    other_sums: dict[str, Tensor] = {}
     sums: list[Tensor | None] = [None] * len(specs)
     bias_sums: list[Tensor | None] = [None] * len(specs)
     num = 0
@@ -82,6 +88,12 @@ def fit_diagonal(
                 for g, s in zip(cap.output_gradients(b.f, S), specs, strict=True)
             ]
             inputs = [group_by_datum(cap.layer_inputs(s), b.num_data, s.name) for s in specs]
+            if coverage.diag_names:
+                others.check_mode()
+                per_datum = example_cotangents(S.detach(), b.num_data, o.fisher == "exact")
+                with cap.paused():
+                    sq = others.squared_sums(to_device(x, device), per_datum)
+                other_sums = {n: v + other_sums[n] if other_sums else v for n, v in sq.items()}
         with torch.no_grad():
             for li, (spec, a, g) in enumerate(zip(specs, inputs, grads)):
                 if spec.has_weight:
@@ -93,7 +105,7 @@ def fit_diagonal(
         num += b.num_data
     if num == 0:
         raise ValueError("no data was seen: the data iterable is empty")
-    diag: dict[str, Tensor] = {}
+    diag: dict[str, Tensor] = dict(other_sums)
     for spec, sq, bsq in zip(specs, sums, bias_sums):
         if spec.joint:
             diag[spec.weight_name] = sq[:, :-1].reshape(named[spec.weight_name].shape)
@@ -103,4 +115,4 @@ def fit_diagonal(
             diag[spec.weight_name] = sq.reshape(named[spec.weight_name].shape)
         if spec.has_bias:
             diag[spec.bias_name] = bsq.reshape(named[spec.bias_name].shape)
-    return diag, num
+    return {n: diag[n] for n in coverage.param_names}, num

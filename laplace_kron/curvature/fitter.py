@@ -22,11 +22,12 @@ from ..constants import POSTERIOR_CURVATURES
 from ..kron import KronBlock, KronCurvature
 from .accumulate import FactorAccumulator
 from .batches import fit_batch_size, iter_batches, warn_if_train_mode
-from .capture import LayerSpec, select_layers
+from .capture import LayerSpec
 from .checkpoint import Checkpoint, check_resumed_data, fit_settings
 from .likelihoods import check_likelihood
 from .options import CurvatureOptions
 from .parallel import check_same_pass, resolve_distributed, run_local, share_bases
+from .selection import select_coverage
 from .state import FitState
 
 __all__ = ["CurvatureFitter", "ekfac", "kfac"]
@@ -81,23 +82,28 @@ class CurvatureFitter:
         self.model = model
         self.likelihood = likelihood
         self.options = options
-        self.specs: list[LayerSpec] = select_layers(model, options.modules, options.separate_bias)
+        coverage = select_coverage(model, options.modules, options.separate_bias)
+        self.specs: list[LayerSpec] = coverage.specs
+        self.diag_names: list[str] = coverage.diag_names
+        self._param_names = coverage.param_names
         generator = options.generator
         if generator is None and options.fisher == "mc":
             generator = torch.Generator().manual_seed(0)
         self.generator = generator
         p = next(iter(model.parameters()))
         self.dtype, self.device = p.dtype, p.device
-        self.state = FitState(self.specs, self.dtype, self.device, generator)
+        shapes = {n: p.shape for n, p in model.named_parameters()}
+        diag = {n: shapes[n] for n in self.diag_names}
+        self.state = FitState(self.specs, self.dtype, self.device, generator, diag=diag)
         self._accumulator = FactorAccumulator(model, self.specs, likelihood, options, self.state)
         self._failed: str | None = None
 
     # ------------------------------------------------------------------------- read-only views
     @property
     def param_names(self) -> list[str]:
-        """Covered parameters in ``model.named_parameters()`` order (the curvature's order)."""
-        covered = {n for s in self.specs for n in (s.weight_name, s.bias_name) if n}
-        return [n for n, _ in self.model.named_parameters() if n in covered]
+        """Covered parameters in ``model.named_parameters()`` order (the curvature's order):
+        the Kronecker layers' weights and biases and the diagonal-block parameters."""
+        return list(self._param_names)
 
     fisher = property(lambda self: self.options.fisher)
     mc_samples = property(lambda self: self.options.mc_samples)
@@ -200,6 +206,7 @@ class CurvatureFitter:
             settings = fit_settings(
                 self.model, self.specs, self.likelihood, self.options, kind, self.dtype, dist
             )
+            settings["diagonal_blocks"] = list(self.diag_names)
 
         def first_phase() -> tuple[str, int]:
             saved = ckpt.load() if ckpt is not None else None

@@ -7,8 +7,9 @@ sum of the shards' states:
     A_sum = sum_n a_n a_n^T (1/T per position for KFAC-expand),   G_sum = sum_{k,n} g g^T,
     E_sum = sum_{k,n} (Q_G^T grad Q_A)^2,   num_data = N,   loss = sum_n nll_n,   sse,
     n_observed = number of observed scalar targets (ignore_index and padding excluded),
+    D_sum = sum_{k,n} grad^2   (the diagonal blocks' parameters, :mod:`.diagonal`),
 
-and the KFAC factors are ``A = A_sum / N`` and ``G = G_sum``.
+and the KFAC factors are ``A = A_sum / N`` and ``G = G_sum``; a diagonal block is ``D_sum``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch import Tensor
 
 from .. import distributed as dist_utils
 from ..io import reading
-from ..kron import KronBlock, KronCurvature
+from ..kron import DiagBlock, KronBlock, KronCurvature
 from .batches import fingerprint
 from .capture import LayerSpec
 from .gram import mirror_
@@ -57,8 +58,10 @@ class FitState:
         device: torch.device,
         generator: torch.Generator | None = None,
         distributed: bool = False,
+        diag: Mapping[str, torch.Size] | None = None,
     ):
         self.specs = list(specs)
+        self.diag = dict(diag or {})
         self.dtype, self.device = dtype, device
         self.generator = generator
         self.distributed = distributed
@@ -70,6 +73,7 @@ class FitState:
         self.A_sum: list[Tensor | None] = [None] * n
         self.G_sum: list[Tensor | None] = [None] * n
         self.E_sum: list[list[Tensor] | None] = [None] * n
+        self.D_sum: list[Tensor | None] = [None] * len(self.diag)
         self.num_data = 0
         self.loss = 0.0
         self.sse = 0.0
@@ -112,6 +116,7 @@ class FitState:
             "A_sum": list(self.A_sum),
             "G_sum": list(self.G_sum),
             "E_sum": [None if e is None else list(e) for e in self.E_sum],
+            "D_sum": list(self.D_sum),
             "num_data": self.num_data,
             "loss": self.loss,
             "sse": self.sse,
@@ -149,6 +154,7 @@ class FitState:
             _tensor(t, dev, "G_sum", (s.d_out, s.d_out)) for t, s in zip(state["G_sum"], self.specs)
         ]
         E = [None if e is None else [_tensor(t, dev, "E_sum") for t in e] for e in state["E_sum"]]
+        D = self._load_diag(state.get("D_sum", [] if not self.diag else None), dev)
         fp = state["fingerprint"]
         if fp is not None and not all(isinstance(v, float) for v in fp):
             raise ValueError("the batch fingerprint must be a list of floats")
@@ -166,10 +172,40 @@ class FitState:
             self.generator.set_state(gen_state)
         self.pass_name, self.next_batch = state["pass"], counts["next_batch"]
         self.pass_data, self.num_data = counts["pass_data"], counts["num_data"]
-        self.A_sum, self.G_sum, self.E_sum = A, G, E
+        self.A_sum, self.G_sum, self.E_sum, self.D_sum = A, G, E, D
         self.loss, self.sse, self.n_outputs = loss, sse, counts["n_outputs"]
         self.n_observed = n_obs
         self.last_batch, self.resume_fingerprint = None, fp
+
+    def _load_diag(self, sums: object, dev: torch.device) -> list[Tensor | None]:
+        """The diagonal sums of a state: one tensor (or None) per diagonal-block parameter."""
+        if not isinstance(sums, (list, tuple)) or len(sums) != len(self.diag):
+            raise ValueError(
+                f"D_sum must be a list of {len(self.diag)} entries (one per diagonal-block "
+                f"parameter: {list(self.diag)})"
+            )
+        return [_tensor(t, dev, "D_sum", tuple(s)) for t, s in zip(sums, self.diag.values())]
+
+    def add_diag(self, sums: Mapping[str, Tensor]) -> None:
+        """Add one batch's squared per-example gradients (name -> tensor shaped like the
+        parameter) to ``D_sum``."""
+        for i, name in enumerate(self.diag):
+            d = self.D_sum[i]
+            self.D_sum[i] = sums[name].clone() if d is None else d.add_(sums[name])
+
+    def diag_blocks(self) -> list[DiagBlock]:
+        """One :class:`~laplace_kron.kron.DiagBlock` per diagonal-block parameter (``H = D_sum``)."""
+        out = []
+        for (name, shape), d in zip(self.diag.items(), self.D_sum, strict=True):
+            if d is None:
+                d = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            if not torch.isfinite(d).all():
+                raise ValueError(
+                    f"parameter {name!r}: its diagonal curvature contains NaN or Inf (overflow in "
+                    "the activations or gradients); check the inputs' scale"
+                )
+            out.append(DiagBlock(d, [name], [shape]))
+        return out
 
     # ------------------------------------------------------------------------- data parallel
     def all_reduce_kfac(self) -> None:
@@ -184,12 +220,15 @@ class FitState:
                 self.A_sum[li] = torch.zeros(d, d, **kw)
             if self.G_sum[li] is None:
                 self.G_sum[li] = torch.zeros(spec.d_out, spec.d_out, **kw)
+        for i, shape in enumerate(self.diag.values()):
+            if self.D_sum[i] is None:
+                self.D_sum[i] = torch.zeros(shape, **kw)
         n_out = torch.tensor([float(self.n_outputs)], dtype=torch.float64)
         dist_utils.all_reduce_max_([n_out])
         scalars = torch.tensor(
             [self.num_data, self.loss, self.sse, self.n_observed], dtype=torch.float64
         )
-        factors = [t for t in self.A_sum if t is not None] + list(self.G_sum)
+        factors = [t for t in self.A_sum if t is not None] + list(self.G_sum) + list(self.D_sum)
         dist_utils.all_reduce_sum_([*factors, scalars])
         self.n_outputs = int(n_out.item())
         self.num_data = int(round(scalars[0].item()))
@@ -271,9 +310,12 @@ class FitState:
         likelihood: str,
         fisher: str,
     ) -> KronCurvature:
-        """The fitted :class:`~laplace_kron.kron.KronCurvature` of ``blocks`` (per layer)."""
+        """The fitted :class:`~laplace_kron.kron.KronCurvature` of ``blocks`` (per layer) and the
+        diagonal blocks, ordered by their first parameter's position in ``param_names``."""
+        pos = {n: i for i, n in enumerate(param_names)}
+        every = [b for layer in blocks for b in layer] + self.diag_blocks()
         return KronCurvature(
-            [b for layer in blocks for b in layer],
+            sorted(every, key=lambda b: min(pos[n] for n in b.param_names)),
             param_names,
             self.num_data,
             likelihood=likelihood,
