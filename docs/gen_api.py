@@ -29,6 +29,7 @@ LAYERS = [
     "laplace_kron.curvature",
     "laplace_kron.posterior",
     "laplace_kron.sampling",
+    "laplace_kron.glm",
     "laplace_kron.predictive",
     "laplace_kron.marglik",
     "laplace_kron.laplace",

@@ -30,6 +30,7 @@ RANKS: dict[str, int] = {
     "curvature": 4,  # its __init__
     "posterior": 5,
     "sampling": 6,
+    "glm": 6,
     "predictive": 6,
     "marglik": 6,
     "laplace": 7,
