@@ -95,3 +95,12 @@ def test_marglik_training_quick(tmp_path):
     for r in summary:
         assert math.isfinite(r["nll"]["mean"]) and math.isfinite(r["nll_rot60"]["mean"])
         assert 0.0 <= r["auroc_permuted"]["mean"] <= 1.0
+
+
+def test_transformer_digits_quick(tmp_path):
+    run = _run("transformer_digits", tmp_path, ["accuracy_vs_angle.png", "ece_vs_angle.png"])
+    summary = {r["method"]: r for r in run["json"]["summary"]}
+    assert {"MAP", "KFAC Laplace (probit)", "LL-KFAC Laplace (probit)"} <= set(summary)
+    assert "LoRA Laplace (probit)" in summary
+    for r in summary.values():
+        assert math.isfinite(r["nll"]["mean"]) and 0.0 <= r["auroc_noise"]["mean"] <= 1.0
