@@ -14,6 +14,8 @@ from torch import Tensor, nn
 
 from . import io, marglik, predictive
 from .constants import POSTERIOR_FORMAT
+from .kron import KronBlock, KronCurvature
+from .optim import EKFAC, KroneckerPreconditioner
 from .posterior import KronPosterior
 
 __all__ = ["KronLaplace"]
@@ -139,6 +141,74 @@ class KronLaplace(KronPosterior):
         except (ValueError, TypeError) as e:
             raise ValueError(f"the saved posterior {name} does not fit this model: {e}") from e
         return la.load_state_dict(state, name)
+
+    @classmethod
+    def from_optimizer(
+        cls,
+        model: nn.Module,
+        precond: KroneckerPreconditioner,
+        likelihood: str,
+        data,
+        **kwargs,
+    ) -> KronLaplace:
+        """A posterior over the layers of a KFAC / EKFAC preconditioner
+        (:mod:`laplace_kron.optim`) from the factors it kept while training ``model``.
+
+        The preconditioner's factors are means over its last refresh batch of ``B`` examples
+        and ``L`` positions with the observed labels (the empirical Fisher of a mean loss);
+        scaled to the summed loss of the ``N`` data in ``data`` they are ``A = A_opt``,
+        ``G = N L G_opt`` (KFAC) and ``E = N s`` in the same eigenbasis (EKFAC). ``data`` is
+        passed once, forward only, for ``N`` and the log-likelihood. These are estimates from
+        one batch gathered while the weights moved: a fresh :meth:`fit` (the default, one pass
+        with gradients) is the better posterior; this one costs no backward pass. Layers with
+        ``sua=True`` are refused (their factors are not Kronecker over ``[W | b]``).
+        ``kwargs``: as for the constructor (prior precision, ...; not the curvature options).
+        """
+        if not isinstance(precond, KroneckerPreconditioner):
+            raise TypeError(f"precond must be laplace_kron.optim.KFAC / EKFAC, got {precond!r}")
+        layers = precond.curvature()
+        if not layers:
+            raise ValueError("the preconditioner has no factors yet: call it after step()")
+        if precond.sua:
+            raise ValueError("a preconditioner with sua=True has no [W | b] Kronecker factors")
+        kind = "ekfac" if isinstance(precond, EKFAC) else "kfac"
+        modules = [c.spec.name for c in layers]
+        la = cls(model, likelihood, kind, fisher="empirical", modules=modules, **kwargs)
+        stats = la.fitter.log_likelihood_terms(data)
+        N, shapes = stats.num_data, {n: p.shape for n, p in model.named_parameters()}
+        blocks = []
+        for c in layers:
+            names = [n for n in (c.spec.weight_name, c.spec.bias_name) if n]
+            scale = N * c.positions
+            eig_G = type(c.eig_G)(c.eig_G.values * scale, c.eig_G.vectors)
+            E = None if kind == "kfac" else N * c.eigenvalues
+            blocks.append(
+                KronBlock(
+                    c.G * scale,
+                    c.A,
+                    names,
+                    [shapes[n] for n in names],
+                    len(names) == 2,  # the preconditioner keeps a bias jointly, [W | b]
+                    E,
+                    eig_G,
+                    c.eig_A,
+                )
+            )
+        pos = {n: i for i, n in enumerate(la.fitter.param_names)}
+        blocks.sort(key=lambda b: pos[b.param_names[0]])
+        curv = KronCurvature(
+            blocks,
+            la.fitter.param_names,
+            N,
+            likelihood=likelihood,
+            fisher="empirical",
+            loss=stats.loss,
+            sse=stats.sse,
+            n_outputs=stats.n_outputs,
+            kind=kind,
+            n_observed=stats.n_observed,
+        )
+        return la.set_curvature(curv)
 
 
 def _owners(names: list[str]) -> list[str]:

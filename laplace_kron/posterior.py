@@ -163,6 +163,28 @@ class KronPosterior:
         self._set_fit(curv, self.flat_parameters().clone())
         return self
 
+    def set_curvature(self, curvature: KronCurvature) -> KronPosterior:
+        """Use a curvature computed elsewhere (e.g. by :func:`laplace_kron.kfac` or from a
+        training preconditioner) with the model's current parameters as the mean. It must cover
+        this posterior's parameters (``param_names``) for the same likelihood."""
+        if not isinstance(curvature, KronCurvature):
+            raise TypeError(f"expected a KronCurvature, got {type(curvature).__name__}")
+        if curvature.likelihood != self.likelihood:
+            raise ValueError(
+                f"the curvature is for likelihood={curvature.likelihood!r}, this posterior "
+                f"for {self.likelihood!r}"
+            )
+        if list(curvature.param_names) != self.fitter.param_names:
+            raise ValueError(
+                f"the curvature covers {curvature.param_names}, this posterior "
+                f"{self.fitter.param_names}; pass matching modules= / separate_bias="
+            )
+        if self.prior_precision.ndim == 1:
+            per_block(self.prior_precision, len(curvature.blocks))  # validates the length
+        self.curvature_type = curvature.kind
+        self._set_fit(curvature, self.flat_parameters().clone())
+        return self
+
     def _set_fit(self, curvature: KronCurvature, mean: Tensor) -> None:
         self.curvature, self.mean, self._spectrum = curvature, mean, None
 

@@ -92,3 +92,25 @@ def test_marglik_training_rejects_bad_arguments(kw, msg):
         lk.marglik_training(
             nn.Linear(2, 1), [(torch.ones(3, 2), torch.ones(3, 1))], "regression", **kw
         )
+
+
+@pytest.mark.parametrize("kind", ["KFAC", "EKFAC"])
+def test_from_optimizer_equals_an_empirical_fit_when_the_weights_did_not_move(kind):
+    """One preconditioner step on the full batch, no optimizer step: the posterior built from
+    its factors equals a fresh empirical-Fisher fit on the same batch (KFAC and EKFAC)."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(40, 5, generator=g)
+    y = torch.randint(0, 3, (40,), generator=g)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
+    precond = getattr(lk.optim, kind)(model, eps=1e-3)
+    nn.functional.cross_entropy(model(X), y).backward()  # a mean loss, as the optimizer expects
+    precond.step()
+    precond.remove()
+    la = lk.KronLaplace.from_optimizer(model, precond, "classification", [(X, y)])
+    ref = lk.KronLaplace(model, "classification", kind.lower(), fisher="empirical").fit([(X, y)])
+    assert la.curvature.kind == kind.lower() and la.num_data == 40
+    torch.testing.assert_close(la.curvature.to_dense(), ref.curvature.to_dense())
+    torch.testing.assert_close(la.log_marginal_likelihood(), ref.log_marginal_likelihood())
+    with pytest.raises(ValueError, match="no factors yet"):
+        lk.KronLaplace.from_optimizer(model, lk.optim.KFAC(model, eps=1e-3), "classification", [])

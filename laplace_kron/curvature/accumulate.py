@@ -106,7 +106,6 @@ class FactorAccumulator:
         """Add one batch to the KFAC factors (first pass); an empty batch adds nothing."""
         if is_empty(y):
             return
-        st = self.state
         with Capture(self.specs) as cap:
             b = self._forward(x, y, i)
             with torch.no_grad():
@@ -120,6 +119,17 @@ class FactorAccumulator:
                     for li, g in enumerate(grads):
                         if li not in closed:
                             self._add_G(li, g)
+        self._add_loss(b)
+
+    def add_loss(self, x, y, i: int = 0) -> None:
+        """Add one batch's log-likelihood terms and counts only (a forward pass, no gradients)."""
+        if is_empty(y):
+            return
+        with torch.no_grad():
+            self._add_loss(self._forward(x, y, i))
+
+    def _add_loss(self, b: FitBatch) -> None:
+        st = self.state
         with torch.no_grad():
             nll, sse = nll_sum(b.f, b.y, self.likelihood, b.keep)
             st.loss += float(nll)

@@ -149,6 +149,16 @@ class CurvatureFitter:
         """The :class:`KronCurvature` of per-layer ``blocks``."""
         return self.state.curvature(blocks, kind, self.param_names, self.likelihood, self.fisher)
 
+    def log_likelihood_terms(self, data: Iterable, progress: bool = False) -> FitState:
+        """One forward pass over ``data`` without gradients: the state's loss, sse and counts
+        (``num_data``, ``n_outputs``, ``n_observed``) at the model's parameters; no factors."""
+        self.reset()
+        for i, x, y in iter_batches(data, progress, "LOSS", self.options.target_key):
+            self._accumulator.add_loss(x, y, i)
+        if self.state.num_data == 0:
+            raise ValueError("no data was seen: the data iterable is empty")
+        return self.state
+
     # ------------------------------------------------------------------------- fits
     def fit(
         self,
