@@ -33,7 +33,16 @@ from torch import Tensor
 from .diagblock import BlockOps, DiagBlock
 from .spectrum import Spectrum
 
-__all__ = ["Block", "DiagBlock", "Eigen", "KronBlock", "KronCurvature", "per_block", "symeig"]
+__all__ = [
+    "Block",
+    "DiagBlock",
+    "Eigen",
+    "KronBlock",
+    "KronCurvature",
+    "add_curvatures",
+    "per_block",
+    "symeig",
+]
 
 # Relative size below which an eigenvalue is treated as round-off and clamped to zero.
 _EIG_CLAMP = 1e-12
@@ -448,3 +457,40 @@ class KronCurvature:
             f"KronCurvature(kind={self.kind!r}, blocks={len(self.blocks)}, P={self.n_params}, "
             f"N={self.num_data}, likelihood={self.likelihood!r}, fisher={self.fisher!r})"
         )
+
+
+def add_curvatures(old: KronCurvature, new: KronCurvature) -> KronCurvature:
+    """The KFAC curvature of the union of two data sets from the curvatures of each: ``G`` and
+    diagonal values add, ``A = (N_1 A_1 + N_2 A_2) / (N_1 + N_2)`` (a mean over data), losses
+    and counts add. Both must have the same blocks; EKFAC is refused (its eigenvalue
+    corrections live in a basis that changes with the data: fit it on all data at once)."""
+    if "ekfac" in (old.kind, new.kind):
+        raise ValueError(
+            "EKFAC curvatures cannot be accumulated over separate fits (the eigenbasis changes "
+            "with the data): fit EKFAC on all the data at once, or use curvature='kfac'"
+        )
+    layout = [(type(b).__name__, b.param_names, b.bias_joint) for b in old.blocks]
+    if layout != [(type(b).__name__, b.param_names, b.bias_joint) for b in new.blocks]:
+        raise ValueError("the curvatures cover different blocks; fit with the same settings")
+    if (old.likelihood, old.fisher) != (new.likelihood, new.fisher):
+        raise ValueError("the curvatures differ in likelihood or Fisher type")
+    n1, n2 = old.num_data, new.num_data
+    blocks: list[Block] = []
+    for b1, b2 in zip(old.blocks, new.blocks, strict=True):
+        if isinstance(b1, DiagBlock):
+            blocks.append(DiagBlock(b1.values + b2.values, b1.param_names, b1.param_shapes))
+            continue
+        A = None if b1.A is None else (n1 * b1.A + n2 * b2.A) / (n1 + n2)
+        blocks.append(KronBlock(b1.G + b2.G, A, b1.param_names, b1.param_shapes, b1.bias_joint))
+    return KronCurvature(
+        blocks,
+        list(old.param_names),
+        n1 + n2,
+        likelihood=old.likelihood,
+        fisher=old.fisher,
+        loss=old.loss + new.loss,
+        sse=old.sse + new.sse,
+        n_outputs=old.n_outputs,
+        kind="kfac",
+        n_observed=old.observed_targets + new.observed_targets,
+    )

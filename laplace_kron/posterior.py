@@ -29,9 +29,9 @@ from torch import Tensor, nn
 from . import io
 from .constants import LIKELIHOODS, POSTERIOR_CURVATURES
 from .curvature import CurvatureFitter, CurvatureOptions, LayerSpec
-from .kron import DiagBlock, KronBlock, KronCurvature, per_block
+from .kron import DiagBlock, KronBlock, KronCurvature, add_curvatures, per_block
 from .spectrum import Spectrum
-from .validation import Checked, positive, positive_int
+from .validation import Checked, flat_vector, positive, positive_int
 
 __all__ = ["DampedKron", "KronPosterior"]
 
@@ -82,6 +82,12 @@ class KronPosterior:
         prior_precision: ``delta``, a positive scalar or one value per block.
         sigma_noise: observation noise (regression only).
         temperature: ``T``; the curvature (and the log-likelihood) are divided by it.
+        prior_mean: ``mu_0`` of the prior ``N(mu_0, delta^-1 I)``: ``None`` (zero), a number, a
+            vector over the covered parameters (:attr:`param_names` order, each ``p.flatten()``)
+            or a mapping name -> tensor. It enters the evidence through ``||theta* - mu_0||^2``
+            (and MacKay's updates); the posterior itself is centred at the given MAP ``theta*``,
+            so samples and predictives depend on ``mu_0`` only through the ``theta*`` the user
+            trained with it.
         **options: the curvature options of :class:`~laplace_kron.curvature.CurvatureOptions`
             (``fisher``, ``mc_samples``, ``weight_sharing``, ``separate_bias``, ``modules``
             (``"last_layer"`` gives last-layer Laplace), ``generator``, ``distributed``).
@@ -96,6 +102,7 @@ class KronPosterior:
         prior_precision: float | Tensor | Sequence[float] = 1.0,
         sigma_noise: float | Tensor = 1.0,
         temperature: float = 1.0,
+        prior_mean: float | Tensor | dict[str, Tensor] | None = None,
         **options,
     ):
         if not isinstance(model, nn.Module):
@@ -115,6 +122,7 @@ class KronPosterior:
         self.curvature: KronCurvature | None = None
         self.mean: Tensor | None = None
         self._spectrum: Spectrum | None = None
+        self.prior_mean = prior_mean
         self.prior_precision = prior_precision
         self.sigma_noise = sigma_noise
         self.temperature = temperature
@@ -125,6 +133,20 @@ class KronPosterior:
         lambda v: float(positive("temperature", v)),
         "Temperature ``T``: the curvature and log-likelihood are divided by it.",
     )
+
+    @property
+    def prior_mean(self) -> Tensor | None:
+        """``mu_0`` as a vector over the covered parameters (``None``: zero)."""
+        return self._prior_mean
+
+    @prior_mean.setter
+    def prior_mean(self, value) -> None:
+        if value is not None:
+            shapes = dict((n, p.shape) for n, p in self.model.named_parameters())
+            names = self.fitter.param_names
+            like = self.flat_parameters()
+            value = flat_vector("prior_mean", value, names, [shapes[n] for n in names], like)
+        self._prior_mean, self._spectrum = value, None
 
     @property
     def prior_precision(self) -> Tensor:
@@ -147,14 +169,28 @@ class KronPosterior:
         progress: bool = False,
         checkpoint: str | os.PathLike | None = None,
         checkpoint_every: int | None = None,
+        reset: bool = True,
     ) -> KronPosterior:
         """Fit the curvature at the model's current parameters (the MAP) and return ``self``.
 
         ``data`` yields ``(inputs, targets)`` batches; EKFAC iterates it twice. With
         ``checkpoint`` the accumulation is saved every ``checkpoint_every`` batches and a call
-        with the same path resumes an interrupted fit. On error the previous fit (if any) is kept.
+        with the same path resumes an interrupted fit. ``reset=False`` adds ``data`` to the
+        curvature already fitted (KFAC: :func:`~laplace_kron.kron.add_curvatures`), e.g. data
+        that arrives in parts; the parameters should not have moved in between. On error the
+        previous fit (if any) is kept.
         """
+        if not reset and self.curvature_type == "ekfac":
+            add_curvatures(self.require_fit(), self.require_fit())  # raises: not for EKFAC
         curv = self.fitter.fit(self.curvature_type, data, progress, checkpoint, checkpoint_every)
+        if not reset and self.curvature is not None:
+            if not torch.equal(self.flat_parameters(), self.mean):
+                warnings.warn(
+                    "fit(reset=False): the model's parameters moved since the previous fit; the "
+                    "accumulated curvature mixes two linearisation points",
+                    stacklevel=2,
+                )
+            curv = add_curvatures(self.curvature, curv)
         if self.prior_precision.ndim == 1 and self.prior_precision.shape != (len(curv.blocks),):
             raise ValueError(
                 f"prior_precision has {self.prior_precision.numel()} values but the fitted "
@@ -259,7 +295,8 @@ class KronPosterior:
             sq = []
             for b in curv.blocks:
                 idx = curv.block_index(b).to(self.mean.device)
-                sq.append(self.mean[idx].to(torch.float64).pow(2).sum())
+                d = self.mean if self.prior_mean is None else self.mean - self.prior_mean
+                sq.append(d[idx].to(torch.float64).pow(2).sum())
             self._spectrum = Spectrum.from_blocks(
                 [b.eigvals() for b in curv.blocks], torch.stack(sq)
             )
@@ -305,6 +342,7 @@ class KronPosterior:
             "sigma_noise": self.sigma_noise.clone(),
             "temperature": self.temperature,
             "mean": self.mean.clone(),
+            "prior_mean": None if self.prior_mean is None else self.prior_mean.clone(),
             "param_names": list(curv.param_names),
             "param_shapes": [list(params[n].shape) for n in curv.param_names],
             "num_data": curv.num_data,
@@ -327,6 +365,11 @@ class KronPosterior:
             self._check_state(state, name)
             try:
                 curv, mean, hyper = _parse_state(state)
+                names, shapes = list(state["param_names"]), state["param_shapes"]
+                saved_mean = state.get("prior_mean")  # absent in files of earlier versions
+                if saved_mean is not None:
+                    shapes = [torch.Size(s) for s in shapes]
+                    saved_mean = flat_vector("prior_mean", saved_mean, names, shapes, mean)
             except ValueError as e:
                 raise ValueError(f"{name} is malformed: {e}") from e
         if not torch.equal(self.flat_parameters().cpu().to(mean.dtype), mean.cpu()):
@@ -338,6 +381,7 @@ class KronPosterior:
             )
         self.curvature_type = state["kind"]
         self._set_fit(curv, mean.clone())
+        self._prior_mean = None if saved_mean is None else saved_mean.to(self.flat_parameters())
         self.prior_precision, self.sigma_noise, self.temperature = hyper
         return self
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["Checked", "check_number", "positive", "positive_int"]
+__all__ = ["Checked", "check_number", "flat_vector", "positive", "positive_int"]
 
 
 def positive(name: str, value: Any) -> Tensor:
@@ -38,6 +38,40 @@ def check_number(name: str, value: object, low: float, high: float = math.inf) -
     if not low <= value <= high:
         raise ValueError(f"{name} must lie in [{low}, {high}], got {value!r}")
     return float(value)
+
+
+def flat_vector(
+    name: str, value: Any, names: list[str], shapes: list[torch.Size], like: Tensor
+) -> Tensor:
+    """``value`` as one flat vector over the parameters ``names`` (in that order, each
+    ``p.flatten()``), dtype and device of ``like``: a tensor ``[P]``, a number (every entry), or
+    a mapping name -> tensor shaped like that parameter (every name, nothing else)."""
+    P = sum(s.numel() for s in shapes)
+    if isinstance(value, Mapping):
+        extra = sorted(set(value) - set(names))
+        missing = [n for n in names if n not in value]
+        if extra or missing:
+            raise ValueError(
+                f"{name}: the mapping must hold exactly the covered parameters; missing "
+                f"{missing}, not covered {extra}"
+            )
+        bad = [n for n, s in zip(names, shapes) if torch.as_tensor(value[n]).shape != s]
+        if bad:
+            raise ValueError(f"{name}: entries {bad} are not shaped like their parameters")
+        flat = torch.cat([torch.as_tensor(value[n]).reshape(-1) for n in names])
+    else:
+        flat = torch.as_tensor(value)
+        if flat.ndim == 0:
+            flat = flat.expand(P)
+        if flat.shape != (P,):
+            raise ValueError(
+                f"{name} must be a number, a vector of the {P} covered parameters, or a mapping "
+                f"name -> tensor; got shape {tuple(flat.shape)}"
+            )
+    flat = flat.detach().to(dtype=like.dtype, device=like.device).clone()
+    if not torch.isfinite(flat).all():
+        raise ValueError(f"{name} contains NaN or Inf")
+    return flat
 
 
 class Checked:

@@ -415,6 +415,8 @@ def _poison(state: dict, what: str) -> dict:
         bad["prior_precision"] = torch.ones(7, dtype=torch.float64)
     elif what == "unknown kind":
         bad["kind"] = "diag"
+    elif what == "short prior mean":
+        bad["prior_mean"] = torch.zeros(3)
     return bad
 
 
@@ -429,6 +431,7 @@ POISONS = [
     "negative prior",
     "prior per block of wrong length",
     "unknown kind",
+    "short prior mean",
 ]
 
 

@@ -291,3 +291,79 @@ def test_optimizer_names_what_runs():
         la.optimize_prior_precision(optimizer="sgd")
     with pytest.raises(ValueError, match="applies to method='marglik' only"):
         la.optimize_prior_precision(method="mackay", optimizer="adam")
+
+
+def test_prior_mean_enters_the_evidence_exactly():
+    """Bayesian linear regression with prior N(mu_0, delta^-1 I): the Laplace evidence at the MAP
+    of that prior equals the closed form, for mu_0 as a vector, a mapping and a number."""
+    g = torch.Generator().manual_seed(3)
+    N, D = 40, 3
+    X = torch.randn(N, D, generator=g)
+    y = X @ torch.tensor([1.0, -2.0, 0.5]) + 0.3 + 0.4 * torch.randn(N, generator=g)
+    Xa = torch.cat([X, torch.ones(N, 1)], 1)
+    mu0 = torch.tensor([0.5, -1.0, 0.2, 0.1])
+    delta, sigma = 1.7, 0.6
+    # MAP and evidence of y - X mu_0 ~ N(0, sigma^2 I + X X^T / delta)
+    prec = Xa.T @ Xa / sigma**2 + delta * torch.eye(D + 1)
+    theta = torch.linalg.solve(prec, Xa.T @ y / sigma**2 + delta * mu0)
+    cov_y = sigma**2 * torch.eye(N) + Xa @ Xa.T / delta
+    ev = torch.distributions.MultivariateNormal(Xa @ mu0, cov_y).log_prob(y)
+    model = nn.Linear(D, 1)
+    with torch.no_grad():
+        model.weight.copy_(theta[:D].reshape(1, D))
+        model.bias.copy_(theta[D:])
+    kw = dict(fisher="exact", prior_precision=delta, sigma_noise=sigma)
+    forms = [mu0, {"weight": mu0[:D].reshape(1, D), "bias": mu0[D:]}]
+    for form in forms:
+        la = lk.KronLaplace(model, "regression", prior_mean=form, **kw).fit([(X, y)])
+        assert abs(float(la.log_marginal_likelihood()) - float(ev)) < 1e-10 * abs(float(ev))
+    zero = lk.KronLaplace(model, "regression", **kw).fit([(X, y)])
+    assert float(zero.log_marginal_likelihood()) != pytest.approx(float(ev), rel=1e-6)
+    const = lk.KronLaplace(model, "regression", prior_mean=0.25, **kw).fit([(X, y)])
+    ref = lk.KronLaplace(model, "regression", prior_mean=torch.full((D + 1,), 0.25), **kw)
+    ref.fit([(X, y)])
+    assert float(const.log_marginal_likelihood()) == float(ref.log_marginal_likelihood())
+    for bad, msg in [
+        (torch.ones(3), "vector of the 4 covered"),
+        ({"weight": torch.ones(1, D)}, "missing"),
+        (torch.tensor([0.0, float("nan"), 0.0, 0.0]), "NaN"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            lk.KronLaplace(model, "regression", prior_mean=bad)
+
+
+def test_prior_mean_is_saved_and_loaded(tmp_path):
+    la, model, *_ = _fit("regression", 2, "kfac")
+    la.prior_mean = torch.linspace(-1, 1, la.n_params)
+    la.save(tmp_path / "la.pt")
+    la2 = lk.KronLaplace.load(tmp_path / "la.pt", model)
+    torch.testing.assert_close(la2.prior_mean, la.prior_mean, rtol=0, atol=0)
+    assert float(la2.log_marginal_likelihood()) == float(la.log_marginal_likelihood())
+
+
+def test_fit_with_reset_false_accumulates_data_in_parts():
+    """Two KFAC fits with ``reset=False`` give the curvature and evidence of one fit on all the
+    data (Kronecker and diagonal blocks); EKFAC refuses; moved parameters warn."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 3))
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(30, 4, generator=g), torch.randint(0, 3, (30,), generator=g)
+    whole = lk.KronLaplace(model, "classification", fisher="exact").fit(
+        [(X[:12], y[:12]), (X[12:], y[12:])]
+    )
+    parts = lk.KronLaplace(model, "classification", fisher="exact").fit([(X[:12], y[:12])])
+    parts.fit([(X[12:], y[12:])], reset=False)
+    assert parts.num_data == 30 and any(
+        type(b).__name__ == "DiagBlock" for b in parts.curvature.blocks
+    )
+    torch.testing.assert_close(parts.curvature.to_dense(), whole.curvature.to_dense())
+    torch.testing.assert_close(parts.log_marginal_likelihood(), whole.log_marginal_likelihood())
+    fresh = lk.KronLaplace(model, "classification", fisher="exact").fit([(X[12:], y[12:])])
+    assert fresh.num_data == 18  # reset=True (the default) starts over
+    e = lk.KronLaplace(model, "classification", "ekfac", fisher="exact").fit([(X, y)])
+    with pytest.raises(ValueError, match="EKFAC curvatures cannot be accumulated"):
+        e.fit([(X, y)], reset=False)
+    with torch.no_grad():
+        model[0].weight.add_(0.1)
+    with pytest.warns(UserWarning, match="parameters moved"):
+        parts.fit([(X, y)], reset=False)
