@@ -314,6 +314,7 @@ def _use_specs(
     """
     out: list[LayerSpec] = []
     chosen_ids = {id(m) for _, m in chosen}
+    attention = {id(c): m for _, m in named for c in m.children() if id(c) in functional}
     registrations: dict[int, list[tuple[str, nn.Module]]] = {}
     for n, m in named:
         for p in m.parameters(recurse=False):
@@ -325,19 +326,9 @@ def _use_specs(
         found = []
         if isinstance(m, nn.MultiheadAttention) and mha_supported(m):
             found.append(_use_spec(n, m, "linear", "in_proj_weight", "in_proj_bias", True, sep))
-            o = m.out_proj
-            if id(o) in chosen_ids and not any(id(p) in shared for p in o.parameters()):
-                found.append(
-                    _use_spec(
-                        f"{n}.out_proj" if n else "out_proj",
-                        o,
-                        "linear",
-                        "weight",
-                        "bias",
-                        True,
-                        sep,
-                    )
-                )
+        elif isinstance(attention.get(id(m)), nn.MultiheadAttention):  # its out_proj
+            if mha_supported(attention[id(m)]):
+                found.append(_use_spec(n, m, "linear", "weight", "bias", True, sep))
         elif _is_hf_conv1d(m):
             found.append(_use_spec(n, m, "linear_t", "weight", "bias", False, sep))
         out += [s for s in found if s is not None]

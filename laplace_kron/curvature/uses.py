@@ -81,9 +81,9 @@ class UseRecorder(TorchFunctionMode):
                 return y
         elif func is F.multi_head_attention_forward:
             bound = _MHA_SIGNATURE.bind(*args, **kwargs)
-            spec = self.by_weight.get(id(bound.arguments.get("in_proj_weight")))
-            if spec is not None:
-                return self._attention(spec, bound)
+            w_in, w_out = bound.arguments.get("in_proj_weight"), bound.arguments["out_proj_weight"]
+            if id(w_in) in self.by_weight or id(w_out) in self.by_weight:
+                return self._attention(bound)
         return func(*args, **kwargs)
 
     def _linear(self, spec: LayerSpec | None, x: Tensor, w: Tensor, b, rows) -> Tensor:
@@ -94,20 +94,23 @@ class UseRecorder(TorchFunctionMode):
             self.record(spec, xb, y, rows)
         return y.transpose(0, 1)
 
-    def _attention(self, spec: LayerSpec, bound: inspect.BoundArguments):
+    def _attention(self, bound: inspect.BoundArguments):
         """``F.multi_head_attention_forward`` with its projections computed (and recorded) here."""
         a = dict(bound.arguments)
         q, k, v = a["query"], a["key"], a["value"]
-        if a.get("use_separate_proj_weight") or q.ndim != 3 or a.get("static_k") is not None:
+        spec = self.by_weight.get(id(a["in_proj_weight"]))
+        out_spec = self.by_weight.get(id(a["out_proj_weight"]))
+        bad = a.get("bias_k") is not None or a.get("add_zero_attn")
+        if bad or a.get("use_separate_proj_weight") or q.ndim != 3 or a.get("static_k") is not None:
+            name = (spec or out_spec).name
             raise ValueError(
-                f"attention {spec.name!r}: unbatched inputs, separate projection weights or "
+                f"attention {name!r}: unbatched inputs, separate projection weights or "
                 "static keys are not supported by the Kronecker capture; leave this layer out of "
                 "modules=[...] or freeze it"
             )
         W, b = a["in_proj_weight"], a["in_proj_bias"]
         E = a["embed_dim_to_check"]
         Wo, bo = a["out_proj_weight"], a["out_proj_bias"]
-        out_spec = self.by_weight.get(id(Wo))
         bias = (lambda i: None) if b is None else (lambda i: b[i * E : (i + 1) * E])
         if q is k and k is v:
             qp, kp, vp = self._linear(spec, q, W, b, None).unflatten(-1, (3, E)).unbind(-2)
