@@ -218,3 +218,39 @@ def test_online_laplace_with_use_blocks():
             p.add_(0.01 * torch.randn_like(p))
     d = torch.cat([p.detach().flatten() for p in model.parameters()]) - theta0
     torch.testing.assert_close(ol.penalty(), 0.5 * ol.strength * d @ Lam @ d)
+
+
+def test_gpt2_one_token_conv1d_blocks_exact():
+    """A tiny GPT-2, one sequence of one token, exact Fisher: every Conv1D block (attention's
+    c_attn / c_proj, the MLP's c_fc / c_proj) is a Kronecker block equal to the exact GGN block;
+    the tied wte / lm_head weight (mixed orientation) stays diagonal."""
+    transformers = pytest.importorskip("transformers")
+    from torch.func import functional_call, jacrev
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(
+        vocab_size=11, n_embd=8, n_layer=1, n_head=2, n_positions=4, attn_implementation="eager"
+    )
+    model = transformers.GPT2LMHeadModel(cfg).double().eval()
+    batch = {"input_ids": torch.tensor([[3]]), "labels": torch.tensor([[5]])}
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def logits(sel):
+        out = functional_call(model, {**params, **sel}, (), {"input_ids": batch["input_ids"]})
+        return out.logits[0, 0]
+
+    p = torch.softmax(logits({}), -1)
+    for kind in ("kfac", "ekfac"):
+        la = lk.KronLaplace(model, "classification", fisher="exact", curvature=kind).fit([batch])
+        kron = [b for b in la.curvature.blocks if isinstance(b, KronBlock)]
+        names = {n for b in kron for n in b.param_names}
+        assert names == {
+            f"transformer.h.0.{m}.{p}"
+            for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+            for p in ("weight", "bias")
+        }
+        for b in kron:
+            jac = jacrev(logits)({n: params[n] for n in b.param_names})
+            J = torch.cat([jac[n].reshape(11, -1) for n in b.param_names], 1)
+            H = J.T @ (torch.diag(p) - torch.outer(p, p)) @ J
+            assert rel_err(b.to_dense(), H) < 1e-10, (kind, b.param_names)
