@@ -100,9 +100,8 @@ def _plans(la: KronPosterior) -> tuple[list[LayerSpec], list[_Plan]]:
                 f"block {b.param_names} does not match the layers this posterior covers; was the "
                 "model changed after fitting?"
             )
-        li = (
-            layers.pop()
-        )  # the block with its output factor in G (a [d_in, d_out] weight's swapped)
+        # The block with its output factor in G (a [d_in, d_out] weight's block is swapped).
+        li = layers.pop()
         plans.append(_Plan(specs[li].standard_block(b), li, scale, d.to(dtype)))
     return specs, plans
 
