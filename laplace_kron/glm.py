@@ -49,7 +49,7 @@ from .curvature.batches import (
     prediction_inputs,
     slice_inputs,
 )
-from .curvature.capture import Capture, LayerSpec, flatten_output
+from .curvature.capture import Capture, LayerSpec, flatten_output, join_use_gradients
 from .curvature.diagonal import DiagonalGradients
 from .kron import DiagBlock, KronBlock
 from .posterior import KronPosterior
@@ -100,7 +100,9 @@ def _plans(la: KronPosterior) -> tuple[list[LayerSpec], list[_Plan]]:
                 f"block {b.param_names} does not match the layers this posterior covers; was the "
                 "model changed after fitting?"
             )
-        plans.append(_Plan(b, layers.pop(), scale, d.to(dtype)))
+        # The block with its output factor in G (a [d_in, d_out] weight's block is swapped).
+        li = layers.pop()
+        plans.append(_Plan(specs[li].standard_block(b), li, scale, d.to(dtype)))
     return specs, plans
 
 
@@ -128,7 +130,7 @@ def _per_example_elements(la: KronPosterior, specs: list[LayerSpec], x: Inputs, 
         C = f[0].numel()
         total = 0
         for s in specs:
-            T = sum(flatten_output(s.module, o).shape[:2].numel() for o in s.outputs)
+            T = sum(flatten_output(s, o).shape[:2].numel() for o in s.outputs)
             total += T * (C * s.d_out + 2 * (s.d_in + 1)) + C * C
         cap.clear()
     return max(total, 1)
@@ -235,6 +237,15 @@ def _output_gradients(
         else:
             result, i = [], 0
             for s in specs:
+                if s.by_use:  # uses of one weight (row slices, flattened positions) joined
+                    c = len(s.outputs)
+                    parts = [
+                        o.new_zeros(C, *o.shape) if g is None else g
+                        for o, g in zip(s.outputs, grads[i : i + c])
+                    ]
+                    result.append(join_use_gradients(s, parts, lead=1))
+                    i += c
+                    continue
                 gs = []
                 for o in s.outputs:
                     g = grads[i]

@@ -50,6 +50,7 @@ from .likelihoods import (
 )
 from .options import CurvatureOptions
 from .state import FitState
+from .uses import check_uses
 
 __all__ = ["FactorAccumulator", "input_order"]
 
@@ -74,6 +75,7 @@ class FactorAccumulator:
         self.options, self.state = options, state
         self._orders = [input_order(s, state.device) for s in specs]
         self._work = Workspace()
+        self._uses_checked = False
         # Diagonal blocks: per-example gradients from the same output-gradient vectors.
         self._diag = None
         if state.diag:
@@ -108,6 +110,8 @@ class FactorAccumulator:
             return
         with Capture(self.specs) as cap:
             b = self._forward(x, y, i)
+            if not self._uses_checked:
+                self._check_uses(cap, b)
             with torch.no_grad():
                 for li, spec in enumerate(self.specs):
                     if spec.has_weight:
@@ -120,6 +124,26 @@ class FactorAccumulator:
                         if li not in closed:
                             self._add_G(li, g)
         self._add_loss(b)
+
+    def _check_uses(self, cap: Capture, b: FitBatch) -> None:
+        """Once per accumulator: the layers captured by parameter use must account for their
+        parameters' whole gradient (one random output vector, :func:`check_uses`)."""
+        specs = [s for s in self.specs if s.by_use]
+        self._uses_checked = True
+        if not specs:
+            return
+        gen = torch.Generator(device=b.f.device).manual_seed(0)
+        v = torch.randn(b.f.shape, generator=gen, dtype=b.f.dtype, device=b.f.device)
+        wanted = [t for s in specs for t in (s.weight, s.bias) if t is not None and t.requires_grad]
+        got = torch.autograd.grad(b.f, wanted, v, retain_graph=True, allow_unused=True)
+        by_id = {id(t): g for t, g in zip(wanted, got, strict=True)}
+        params = [(by_id.get(id(s.weight)), by_id.get(id(s.bias))) for s in specs]
+        index = [self.specs.index(s) for s in specs]
+        grads = next(cap.iter_output_gradients(b.f, v.unsqueeze(0), retain_graph=True))
+        with torch.no_grad():
+            gs = [group_by_datum(grads[li], b.num_data, s.name, 1) for li, s in zip(index, specs)]
+            a = [group_by_datum(cap.layer_inputs(s), b.num_data, s.name) for s in specs]
+            check_uses(specs, gs, a, params)
 
     def add_loss(self, x, y, i: int = 0) -> None:
         """Add one batch's log-likelihood terms and counts only (a forward pass, no gradients)."""
@@ -262,9 +286,26 @@ class FactorAccumulator:
     # ------------------------------------------------------------------------- second pass
     def add_ekfac(self, x, y, bases: list[list[KronBlock]], i: int = 0) -> None:
         """Add one batch to the EKFAC eigenvalue corrections (second pass):
-        ``E += sum_{k,n} (Q_G^T (sum_t g a^T) Q_A)^2`` per block."""
+        ``E += sum_{k,n} (Q_G^T (sum_t g a^T) Q_A)^2`` per block (transposed for the weight
+        block of a weight stored ``[d_in, d_out]``)."""
         if is_empty(y):
             return
+        std = [[s.standard_block(b) for b in layer] for s, layer in zip(self.specs, bases)]
+        corr = self._ekfac_sums(x, y, std, i)
+        for li, (spec, layer) in enumerate(zip(self.specs, bases)):
+            for j, b in enumerate(layer):
+                if spec.transposed and b.A is not None:
+                    corr[li][j] = corr[li][j].mT
+        E_sum = self.state.E_sum
+        for li in range(len(self.specs)):
+            if E_sum[li] is None:
+                E_sum[li] = corr[li]
+            else:
+                E_sum[li] = [e + c for e, c in zip(E_sum[li], corr[li], strict=True)]
+
+    def _ekfac_sums(self, x, y, bases: list[list[KronBlock]], i: int) -> list[list[Tensor]]:
+        """One batch's ``sum_{k,n} (Q_G^T (sum_t g a^T) Q_A)^2`` per block, ``bases`` with the
+        output factor in ``G`` (:meth:`LayerSpec.standard_block`)."""
         with Capture(self.specs) as cap:
             fb = self._forward(x, y, i)
             fc = fb.f
@@ -294,12 +335,7 @@ class FactorAccumulator:
                         for j, b in enumerate(bases[li]):
                             sq = per_example_sq(rotated[li][j], g @ b.eig_G.vectors)
                             corr[li][j] = corr[li][j] + sq
-        E_sum = self.state.E_sum
-        for li in range(len(self.specs)):
-            if E_sum[li] is None:
-                E_sum[li] = corr[li]
-            else:
-                E_sum[li] = [e + c for e, c in zip(E_sum[li], corr[li], strict=True)]
+        return corr
 
     def _rotate_inputs(self, li: int, j: int, a: Tensor, block: KronBlock) -> Tensor:
         """``a Q_A`` for native-order inputs ``a [B, T, d]``: the eigenbasis rows are permuted to
@@ -323,7 +359,7 @@ class FactorAccumulator:
 def input_order(spec: LayerSpec, device: torch.device) -> Tensor | None:
     """Native-to-weight column order of a layer's inputs, with the ones column of a joint bias
     (always last) appended; ``None`` when the orders coincide."""
-    idx = native_to_weight_order(spec.module)
+    idx = None if spec.linear_like else native_to_weight_order(spec.module)
     if idx is None:
         return None
     if spec.joint:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .selection import SUPPORTED_TYPES, LayerSpec, select_layers
+from .uses import UseRecorder, rows3
 
 __all__ = [
     "LayerSpec",
@@ -27,6 +28,7 @@ __all__ = [
     "SUPPORTED_TYPES",
     "Workspace",
     "native_patches",
+    "join_use_gradients",
     "native_to_weight_order",
     "unfold_input",
 ]
@@ -182,11 +184,44 @@ def unfold_input(module: nn.Module, x: Tensor) -> Tensor:
     return rows if idx is None else rows[..., idx.to(rows.device)]
 
 
-def flatten_output(module: nn.Module, y: Tensor) -> Tensor:
-    """Layer output (or its gradient) -> ``[B, T, d_out]``."""
-    if isinstance(module, nn.Linear):
-        return y.reshape(y.shape[0], -1, y.shape[-1])
+def flatten_output(module: nn.Module | LayerSpec, y: Tensor) -> Tensor:
+    """Layer output (or its gradient) -> ``[B, T, d_out]`` (``module``: the layer or its spec)."""
+    linear = module.linear_like if isinstance(module, LayerSpec) else isinstance(module, nn.Linear)
+    if linear:
+        return rows3(y)
     return y.flatten(2).transpose(1, 2)
+
+
+def _cat_uses(parts: list[Tensor], lead: int = 0) -> Tensor:
+    """Concatenate the uses' ``[..., B_u, T_u, d]`` along the positions; uses that see the
+    positions flattened into the batch axis (``B_u = B R``) are first read as ``[B, R T_u, d]``."""
+    if len(parts) == 1:
+        return parts[0]
+    b = min(p.shape[lead] for p in parts)
+    if any(p.shape[lead] % b for p in parts):
+        raise ValueError(
+            f"the uses of one weight see {[p.shape[lead] for p in parts]} rows: not multiples of "
+            "one batch size"
+        )
+    parts = [p.reshape(*p.shape[:lead], b, -1, p.shape[-1]) for p in parts]
+    return torch.cat(parts, dim=lead + 1)
+
+
+def join_use_gradients(spec: LayerSpec, grads: list[Tensor], lead: int = 0) -> Tensor:
+    """The output-gradients of a layer's recorded uses (each ``[*L, B_u, ..., d_rows]`` with
+    ``lead`` leading axes ``L``) as one ``[*L, B, T, d_out]``: zero outside each use's rows,
+    positions of all uses concatenated (KFAC-expand over uses)."""
+    parts = []
+    for g, rows in zip(grads, spec.rows, strict=True):
+        if g.ndim == lead + 1:  # one unbatched row
+            g = g.reshape(*g.shape[:lead], 1, 1, -1)
+        g = g.reshape(*g.shape[: lead + 1], -1, g.shape[-1])
+        if rows is not None:
+            full = g.new_zeros(*g.shape[:-1], spec.d_out)
+            full[..., rows[0] : rows[1]] = g
+            g = full
+        parts.append(g)
+    return _cat_uses(parts, lead)
 
 
 def _cat1(parts: list[Tensor]) -> Tensor:
@@ -200,11 +235,17 @@ class Capture:
         self.specs = list(specs)
         self._handles: list = []
         self._paused = False
+        used = [s for s in self.specs if s.by_use]
+        self._recorder = UseRecorder(used) if used else None
 
     def __enter__(self) -> Capture:
+        self.clear()
+        if self._recorder is not None:
+            self._recorder.paused = False
+            self._recorder.__enter__()
         for spec in self.specs:
-            spec.inputs.clear()
-            spec.outputs.clear()
+            if spec.by_use:
+                continue
 
             def hook(mod, inp, out, spec=spec):
                 if self._paused:
@@ -219,21 +260,28 @@ class Capture:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        if self._recorder is not None:
+            self._recorder.__exit__(*exc)
 
     @contextmanager
     def paused(self) -> Iterator[None]:
         """Record nothing inside (other forward passes, e.g. the diagonal blocks' per-example
         calls, must not add to the captured calls)."""
         self._paused = True
+        if self._recorder is not None:
+            self._recorder.paused = True
         try:
             yield
         finally:
             self._paused = False
+            if self._recorder is not None:
+                self._recorder.paused = False
 
     def clear(self) -> None:
         for spec in self.specs:
             spec.inputs.clear()
             spec.outputs.clear()
+            spec.rows.clear()
 
     def layer_inputs(
         self,
@@ -246,6 +294,12 @@ class Capture:
         ``augment``); columns in weight order, or in :func:`native_patches` order (written into
         ``workspace`` buffers if given) if ``native``."""
         if not spec.inputs:
+            if spec.by_use:
+                raise ValueError(
+                    f"layer {spec.name!r}: its weight was not used in the forward pass through a "
+                    "call the capture records (F.linear, addmm / matmul, attention); leave it out "
+                    "of modules=[...] or freeze it with requires_grad_(False)"
+                )
             raise ValueError(
                 f"layer {spec.name!r} ({type(spec.module).__name__}) was never called as a module "
                 "in the forward pass (its weight is used functionally, e.g. F.linear(x, "
@@ -253,6 +307,15 @@ class Capture:
                 "modules=[...] or freeze it with requires_grad_(False)"
             )
         ones = spec.joint and augment
+        if spec.by_use:
+            a = _cat_uses(spec.inputs)
+            if not ones:
+                return a
+            if workspace is None:
+                return torch.cat([a, a.new_ones(*a.shape[:2], 1)], dim=2)
+            out = workspace.get((spec.name, "rows"), (*a.shape[:2], a.shape[2] + 1), a, fill=1.0)
+            out[..., :-1].copy_(a)
+            return out
         if native and workspace is not None:
             parts = [
                 native_patches(spec.module, x, workspace, (spec.name, i), ones)
@@ -300,7 +363,9 @@ class Capture:
             result, start = [], 0
             for spec in self.specs:
                 c = len(spec.outputs)
-                if isinstance(spec.module, nn.Linear):
+                if spec.by_use:
+                    g = join_use_gradients(spec, grads[start : start + c])
+                elif isinstance(spec.module, nn.Linear):
                     g = _cat1([flatten_output(spec.module, grads[start + i]) for i in range(c)])
                 else:
                     parts = [grads[start + i].flatten(2) for i in range(c)]

@@ -112,6 +112,7 @@ def fit_diagonal(
             diag[spec.bias_name] = sq[:, -1].reshape(named[spec.bias_name].shape)
             continue
         if spec.has_weight:
+            sq = sq.mT if spec.transposed else sq  # a weight stored [d_in, d_out]
             diag[spec.weight_name] = sq.reshape(named[spec.weight_name].shape)
         if spec.has_bias:
             diag[spec.bias_name] = bsq.reshape(named[spec.bias_name].shape)

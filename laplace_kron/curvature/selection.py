@@ -6,7 +6,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor, nn
+
+from ..kron import KronBlock
 
 SUPPORTED_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
@@ -29,19 +32,64 @@ class LayerSpec:
     joint: bool
     inputs: list[Tensor] = field(default_factory=list, repr=False)
     outputs: list[Tensor] = field(default_factory=list, repr=False)
+    # Captured by parameter use (curvature/uses.py) instead of module hooks: "linear"
+    # (``y = W a + b``, weight ``[d_out, d_in]``: F.linear) or "linear_t" (``y = a W + b``,
+    # weight ``[d_in, d_out]``: Hugging Face Conv1D through torch.addmm / matmul).
+    kind: str = "module"
+    weight: Tensor | None = field(default=None, repr=False)  # the parameter a use is found by
+    bias: Tensor | None = field(default=None, repr=False)
+    # Row range ``(start, stop)`` of the weight's output rows each recorded use writes.
+    rows: list[tuple[int, int] | None] = field(default_factory=list, repr=False)
+
+    @property
+    def by_use(self) -> bool:
+        """Captured by parameter use (a torch function mode), not by module hooks."""
+        return self.kind != "module"
+
+    @property
+    def linear_like(self) -> bool:
+        """Inputs ``[B, ..., d_in]`` and outputs ``[B, ..., d_out]`` (no patches)."""
+        return self.by_use or isinstance(self.module, nn.Linear)
+
+    @property
+    def transposed(self) -> bool:
+        """The weight is stored ``[d_in, d_out]`` (its Kronecker block is ``A (x) G`` in the
+        parameter's own ``p.flatten()`` order: stored as ``KronBlock(G=A, A=G)``)."""
+        return self.kind == "linear_t"
 
     @property
     def d_out(self) -> int:
+        if self.by_use:
+            return self.weight.shape[1 if self.transposed else 0]
         m = self.module
         return m.out_features if isinstance(m, nn.Linear) else m.out_channels
 
     @property
     def d_in(self) -> int:
         """Input size of the weight matrix view (without the bias column)."""
+        if self.by_use:
+            return self.weight.shape[0 if self.transposed else 1]
         m = self.module
         if isinstance(m, nn.Linear):
             return m.in_features
         return m.weight[0].numel()
+
+    def standard_block(self, block: KronBlock) -> KronBlock:
+        """``block`` with the output factor in the ``G`` slot and the input factor in ``A``
+        (eigenvalues ``[d_out, d_in]``): the block itself, except the weight block of a
+        :attr:`transposed` use, whose slots hold ``A`` and ``G`` (parameter order)."""
+        if not self.transposed or block.A is None:
+            return block
+        return KronBlock(
+            block.A,
+            block.G,
+            list(block.param_names),
+            [torch.Size((self.d_out, self.d_in))],
+            False,
+            None if block.eigenvalues is None else block.eigenvalues.mT,
+            block.eig_A,
+            block.eig_G,
+        )
 
     @property
     def has_weight(self) -> bool:
@@ -104,6 +152,7 @@ def select_coverage(
     model: nn.Module,
     modules: None | str | Sequence[str | nn.Module] = None,
     separate_bias: bool = False,
+    by_use: bool = True,
 ) -> Coverage:
     """Resolve ``modules`` into Kronecker layers and diagonal-block parameters.
 
@@ -113,6 +162,11 @@ def select_coverage(
     selects modules by name or object and covers every trainable parameter in their subtrees, in
     the same way (Kronecker for supported layers, diagonal elsewhere). Parameters with
     ``requires_grad=False`` are never covered.
+
+    ``by_use`` (the fit's default) adds Kronecker blocks for weights used functionally
+    (:func:`_use_specs`: attention's projections, Hugging Face ``Conv1D``, weights tied between
+    ``nn.Linear`` layers), captured by parameter use (:mod:`.uses`); ``False`` keeps module hooks
+    only (the optimizers' preconditioners).
     """
     named = [(n, m) for n, m in model.named_modules()]
     with_params = [
@@ -178,6 +232,8 @@ def select_coverage(
         specs.append(
             LayerSpec(n, m, w, b, joint=(w is not None and b is not None and not separate_bias))
         )
+    if by_use:
+        specs += _use_specs(named, chosen, shared, functional, separate_bias)
     kron_names = {x for s in specs for x in (s.weight_name, s.bias_name) if x}
     diag = {
         canonical[(f"{n}." if n else "") + pn]
@@ -205,3 +261,88 @@ def _tied(model: nn.Module) -> tuple[dict[str, str], set[int]]:
         canonical[n] = first.setdefault(id(p), n)
         count[id(p)] = count.get(id(p), 0) + 1
     return canonical, {i for i, c in count.items() if c > 1}
+
+
+def mha_supported(m: nn.MultiheadAttention) -> bool:
+    """Attention whose projections get Kronecker blocks: a packed ``in_proj_weight`` (query, key
+    and value of one width), no ``bias_k`` / ``bias_v``, no ``add_zero_attn``."""
+    return m.in_proj_weight is not None and m.bias_k is None and not m.add_zero_attn
+
+
+def _is_hf_conv1d(m: nn.Module) -> bool:
+    """Hugging Face's ``Conv1D`` (GPT-2): ``y = x @ W + b`` with ``W [in, out]`` (``torch.addmm``)."""
+    w = getattr(m, "weight", None)
+    return (
+        type(m).__name__ == "Conv1D"
+        and isinstance(w, Tensor)
+        and w.ndim == 2
+        and getattr(m, "nf", None) == w.shape[1]
+    )
+
+
+def _use_spec(
+    name: str, m: nn.Module, kind: str, w_attr: str, b_attr: str, joint_ok: bool, sep: bool
+) -> LayerSpec | None:
+    prefix = f"{name}." if name else ""
+    w, b = getattr(m, w_attr), getattr(m, b_attr, None)
+    wn = prefix + w_attr if _trainable(w) else None
+    bn = prefix + b_attr if _trainable(b) else None
+    if wn is None and bn is None:
+        return None
+    joint = wn is not None and bn is not None and joint_ok and not sep
+    return LayerSpec(name, m, wn, bn, joint, kind=kind, weight=w, bias=b)
+
+
+def _use_specs(
+    named: list[tuple[str, nn.Module]],
+    chosen: list[tuple[str, nn.Module]],
+    shared: set[int],
+    functional: set[int],
+    sep: bool,
+) -> list[LayerSpec]:
+    """Kronecker layers captured by parameter use (:mod:`.uses`), among the ``chosen`` modules:
+
+    * ``nn.MultiheadAttention`` (packed ``in_proj_weight``, no ``bias_k`` / ``add_zero_attn``):
+      ``in_proj`` (one block ``[3E, E]``; cross-attention's row slices are uses with
+      zero output-gradients on the other rows) and ``out_proj`` (``F.linear``);
+    * Hugging Face ``Conv1D`` (``torch.addmm(b, x, W)``, ``W [in, out]``): a transposed use, its
+      bias always a separate block;
+    * a weight shared by several ``nn.Linear`` layers that also share their bias (or have none):
+      one block over the uses of every layer (KFAC-expand).
+
+    Tied weights of mixed orientation (``nn.Embedding`` tied to a linear head) stay diagonal.
+    """
+    out: list[LayerSpec] = []
+    chosen_ids = {id(m) for _, m in chosen}
+    attention = {id(c): m for _, m in named for c in m.children() if id(c) in functional}
+    registrations: dict[int, list[tuple[str, nn.Module]]] = {}
+    for n, m in named:
+        for p in m.parameters(recurse=False):
+            if id(p) in shared and p is getattr(m, "weight", None):
+                registrations.setdefault(id(p), []).append((n, m))
+    for n, m in chosen:
+        if any(id(p) in shared for p in m.parameters(recurse=False)):
+            continue
+        found = []
+        if isinstance(m, nn.MultiheadAttention) and mha_supported(m):
+            found.append(_use_spec(n, m, "linear", "in_proj_weight", "in_proj_bias", True, sep))
+        elif isinstance(attention.get(id(m)), nn.MultiheadAttention):  # its out_proj
+            if mha_supported(attention[id(m)]):
+                found.append(_use_spec(n, m, "linear", "weight", "bias", True, sep))
+        elif _is_hf_conv1d(m):
+            found.append(_use_spec(n, m, "linear_t", "weight", "bias", False, sep))
+        out += [s for s in found if s is not None]
+    # Weights tied between nn.Linear layers: every registration in the model must be an
+    # nn.Linear called as a module with the same bias; the first registration names the block.
+    for regs in registrations.values():
+        mods = [m for _, m in regs]
+        first_name, first = regs[0]
+        if id(first) not in chosen_ids or not all(
+            isinstance(m, nn.Linear) and id(m) not in functional and m.bias is first.bias
+            for m in mods
+        ):
+            continue
+        spec = _use_spec(first_name, first, "linear", "weight", "bias", True, sep)
+        if spec is not None:
+            out.append(spec)
+    return out

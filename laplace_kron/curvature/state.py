@@ -278,7 +278,9 @@ class FitState:
             layer = []
             if spec.has_weight:
                 w = spec.weight_name
-                layer.append(KronBlock(G, A, [w], [shapes[w]]))
+                # A weight stored [d_in, d_out]: A (x) G in its own p.flatten() order.
+                F1, F2 = (A, G) if spec.transposed else (G, A)
+                layer.append(KronBlock(F1, F2, [w], [shapes[w]]))
             if spec.has_bias:
                 # The bias input is the constant 1, so its A factor is 1 (expand and reduce).
                 b = spec.bias_name
