@@ -52,6 +52,7 @@ STUDY = "optimizers"
 ARCHS = ("mlp", "cnn")
 BATCH = 64
 MOMENTUM = 0.9
+EARLY = (1, 3)  # the table also shows the test loss after these epochs (early progress)
 
 
 class Optimizer(NamedTuple):
@@ -244,6 +245,10 @@ def run_row(arch: str, spec: Optimizer, chosen: dict, seed: int, args) -> dict:
         "sec_per_epoch": float(np.mean(h["seconds"])) if h["seconds"] else float("nan"),
         "cpu_sec_per_epoch": float(np.mean(h["cpu_seconds"])) if h["seconds"] else float("nan"),
         "target": target,
+        **{
+            f"test_loss_epoch{e}": h["loss"][e - 1] if len(h["loss"]) >= e else float("nan")
+            for e in EARLY
+        },
         "epochs_to_target": float(i + 1) if i is not None else float("nan"),
         "seconds_to_target": cum[i] if i is not None else float("nan"),
         "cpu_seconds_to_target": cum_cpu[i] if i is not None else float("nan"),
@@ -370,6 +375,7 @@ def main(argv=None) -> list[dict]:
                 rows += [run_row(arch, spec, best, s, args) for s in seeds]
 
     metrics = [
+        *(f"test_loss_epoch{e}" for e in EARLY),
         "test_loss",
         "test_accuracy",
         "train_loss",
@@ -390,9 +396,9 @@ def main(argv=None) -> list[dict]:
         ("optimizer", "optimizer"),
         ("lr", "lr"),
         ("eps", "eps"),
-        ("test_loss", "test loss"),
+        *((f"test_loss_epoch{e}", f"test loss, epoch {e}") for e in EARLY),
+        ("test_loss", "test loss, final"),
         ("test_accuracy", "test acc."),
-        ("train_loss", "train loss"),
         ("cpu_sec_per_epoch", "CPU s / epoch"),
         ("sec_per_epoch", "wall s / epoch"),
         ("reached", "reached target"),
@@ -401,6 +407,7 @@ def main(argv=None) -> list[dict]:
         ("seconds_to_target", "wall s to target"),
     ]
     digits = {
+        **{f"test_loss_epoch{e}": 3 for e in EARLY},
         "test_loss": 4,
         "train_loss": 4,
         "epochs_to_target": 1,
