@@ -268,10 +268,10 @@ def run_row(arch: str, spec: Optimizer, chosen: dict, seed: int, args) -> dict:
     return row
 
 
-def _mean_curve(rows: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
+def _curves(rows: list[dict], key: str) -> np.ndarray:
+    """``[seeds, epochs]``, cut to the shortest run (a diverged run stops early)."""
     n = min(len(r[key]) for r in rows)
-    v = np.asarray([r[key][:n] for r in rows], dtype=np.float64)
-    return v.mean(0), v.std(0)
+    return np.asarray([r[key][:n] for r in rows], dtype=np.float64)
 
 
 XLABELS = {
@@ -282,7 +282,7 @@ XLABELS = {
 
 
 def plot_curves(rows: list[dict], archs: list[str], x_key: str | None, path: Path) -> Path:
-    """Test loss (mean over seeds, +/- std band) against epochs (``x_key=None``) or against
+    """Test loss (mean over seeds, min-max band) against epochs (``x_key=None``) or against
     cumulative training seconds (``x_key="curve_seconds"`` wall clock, ``"curve_cpu_seconds"`` CPU
     time of the process; mean over seeds); one panel per model."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -297,21 +297,23 @@ def plot_curves(rows: list[dict], archs: list[str], x_key: str | None, path: Pat
             rs = [r for r in rs if r["curve_test_loss"]]
             if not rs:
                 continue
-            mean, std = _mean_curve(rs, "curve_test_loss")
+            loss = _curves(rs, "curve_test_loss")
+            mean = loss.mean(0)
             if x_key is None:
                 xs = np.arange(1, len(mean) + 1)
             else:
-                xs = _mean_curve(rs, x_key)[0][: len(mean)]
+                xs = _curves(rs, x_key).mean(0)[: len(mean)]
             k = [s.name for s in OPTIMIZERS].index(spec.name)
             style = "--" if spec.sua else ("-." if spec.ra else "-")
             ax.plot(xs, mean, style, color=f"C{k}", label=spec.name, lw=1.6)
-            ax.fill_between(xs, mean - std, mean + std, color=f"C{k}", alpha=0.15, lw=0)
+            ax.fill_between(xs, loss.min(0), loss.max(0), color=f"C{k}", alpha=0.12, lw=0)
         ax.set_yscale("log")
         ax.set_title({"mlp": "digits MLP 64-128-128-10", "cnn": "digits CNN"}[arch])
         ax.set_xlabel(XLABELS[x_key])
         ax.set_ylabel("test loss (cross-entropy)")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize="small")
+    fig.suptitle("test loss: mean over seeds, shaded from the lowest to the highest seed")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     return path
