@@ -104,3 +104,18 @@ def test_transformer_digits_quick(tmp_path):
     assert "LoRA Laplace (probit)" in summary
     for r in summary.values():
         assert math.isfinite(r["nll"]["mean"]) and 0.0 <= r["auroc_noise"]["mean"] <= 1.0
+
+
+def test_optimizers_quick(tmp_path):
+    run = _run("optimizers", tmp_path, ["test_loss_vs_epoch.png", "test_loss_vs_time.png"])
+    summary = run["json"]["summary"]
+    names = {(r["arch"], r["optimizer"]) for r in summary}
+    assert {("mlp", n) for n in ("SGD", "Adam", "KFAC", "EKFAC", "EKFAC-RA")} <= names
+    assert {("cnn", "KFAC-SUA"), ("cnn", "EKFAC-SUA")} <= names
+    for r in run["json"]["rows"]:
+        assert not r["diverged"], (r["arch"], r["optimizer"])
+        assert len(r["curve_test_loss"]) == len(r["curve_seconds"]) == 2
+        assert all(math.isfinite(v) and v > 0 for v in r["curve_test_loss"])
+        # cumulative wall time per epoch
+        assert 0.0 < r["curve_seconds"][0] <= r["curve_seconds"][1]
+        assert 0.0 <= r["test_accuracy"] <= 1.0
