@@ -270,6 +270,8 @@ class GLMPass:
                 for s in self.specs
             ]
             C = f[0].numel()
+            # Class axis of a classifier's output (the groups of the centering / bridge maps).
+            self.classes = f.shape[-1] if f.ndim > 1 else 1
             cap.clear()
         return C, shared, sizes
 
@@ -341,10 +343,10 @@ class GLMPass:
                     ],
                 )
 
-    def moments(self, chunk: ChunkFeatures, kind: str, group: int | None = None) -> Tensor:
+    def moments(self, chunk: ChunkFeatures, kind: str) -> Tensor:
         """``J Sigma J^T`` of a chunk: ``[b, C, C]`` (``cov``) or ``[b, C, p]`` (pairs of
-        ``kind``, transforms over groups of ``group`` outputs, default all ``C``)."""
-        group = group or self.C
+        ``kind``; the output maps act on each group of ``classes`` outputs: the last axis)."""
+        group = self.classes
         b = chunk.stop - chunk.start
         with torch.no_grad():
             acc = None
@@ -389,15 +391,14 @@ def glm_reduce(
     la: KronPosterior,
     x: Inputs,
     kind: str,
-    reduce: Callable[[Tensor, Tensor], Tensor],
+    reduce: Callable[[Tensor, Tensor, int], Tensor],
     chunk_size: int = DEFAULT_CHUNK,
     batch_size: int | None = None,
     batch_size_fn: BatchSizeFn | None = None,
     vectorize: bool = True,
-    group: int | None = None,
     extra: int = 0,
 ) -> tuple[Tensor, Tensor, torch.Size]:
-    """``reduce(f_chunk [b, C], moments_chunk)`` per input chunk, concatenated: only one chunk's
+    """``reduce(f_chunk [b, C], moments_chunk, classes)`` per input chunk, concatenated: only one chunk's
     moments (``kind``, see :data:`KINDS`) are alive at a time. Returns ``(f [B, C], reduced,
     output shape [B, ...])``."""
     if kind not in KINDS:
@@ -405,9 +406,9 @@ def glm_reduce(
     run = GLMPass(la, x, kind, chunk_size, batch_size, batch_size_fn, vectorize, extra)
     fs, outs = [], []
     for chunk in run.chunks():
-        m = run.moments(chunk, kind, group)
+        m = run.moments(chunk, kind)
         with torch.no_grad():
-            outs.append(reduce(chunk.f, m))
+            outs.append(reduce(chunk.f, m, run.classes))
         fs.append(chunk.f)
         del chunk, m
     return torch.cat(fs), torch.cat(outs), torch.Size((run.B, *run.tail))
@@ -424,7 +425,7 @@ def glm_outputs(
 ) -> tuple[Tensor, Tensor, torch.Size]:
     """:func:`glm_moments` plus the model output shape ``[B, ...]``."""
     kind = "var" if diag else "cov"
-    keep = (lambda f, m: m[..., 0]) if diag else (lambda f, m: m)
+    keep = (lambda f, m, c: m[..., 0]) if diag else (lambda f, m, c: m)
     return glm_reduce(la, x, kind, keep, chunk_size, batch_size, batch_size_fn, vectorize)
 
 
