@@ -22,13 +22,14 @@ from .curvature.batches import (
     BatchSizeFn,
     Inputs,
 )
+from .glm import functional_covariance as _marginal_covariance
 from .glm import (
-    functional_covariance,
     functional_variance,
     glm_moments,
     glm_outputs,
     glm_reduce,
 )
+from .glm_joint import functional_samples, joint_covariance
 from .links import bridge_from_moments, centered_probit, gaussian_samples, laplace_bridge, probit
 from .posterior import KronPosterior
 from .sampling import parameter_sample_outputs
@@ -41,11 +42,22 @@ __all__ = [
     "laplace_bridge",
     "probit",
     "functional_covariance",
+    "functional_samples",
     "functional_variance",
     "glm_moments",
     "predict",
     "predictive_samples",
 ]
+
+
+def functional_covariance(la: KronPosterior, x: Inputs, joint: bool = False, **kw) -> Tensor:
+    """GLM output covariance ``J(x) Sigma J(x)^T``, Jacobian-free in the Kronecker eigenbasis:
+    per input ``[B, C, C]``, or with ``joint=True`` across all inputs ``[B C, B C]``
+    (input-major: row ``b C + k``; :func:`~laplace_kron.glm_joint.joint_covariance`). Keywords:
+    ``chunk_size``, ``batch_size``, ``batch_size_fn``, ``vectorize``."""
+    if joint:
+        return joint_covariance(la, x, **kw)[1]
+    return _marginal_covariance(la, x, **kw)
 
 
 def _validate(method: str, link: str, n_samples: int, chunk_size: int) -> None:
@@ -86,9 +98,13 @@ def _samples(
 ) -> tuple[Tensor, torch.Size]:
     """:func:`predictive_samples` plus the model output shape ``[B, ...]`` (``rest``:
     ``batch_size_fn, vectorize``)."""
-    if method == "glm":
-        mean, cov, shape = glm_outputs(la, x, False, chunk_size, None, *rest)
-        return gaussian_samples(mean, cov, n_samples, generator), shape
+    if method == "glm":  # per input chunk: C x C covariances of one chunk at a time
+
+        def draw(f: Tensor, S: Tensor, _: int) -> Tensor:
+            return gaussian_samples(f, S, n_samples, generator).transpose(0, 1)
+
+        _, s, shape = glm_reduce(la, x, "cov", draw, chunk_size, None, *rest, extra=n_samples)
+        return s.transpose(0, 1), shape
     return parameter_sample_outputs(la, x, method, n_samples, generator, chunk_size, *rest)
 
 

@@ -32,6 +32,7 @@ RANKS: dict[str, int] = {
     "sampling": 6,
     "glm": 6,
     "glm_blocks": 6,
+    "glm_joint": 6,
     "predictive": 6,
     "marglik": 6,
     "laplace": 7,
