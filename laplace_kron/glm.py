@@ -52,7 +52,14 @@ from .curvature.batches import (
 )
 from .curvature.capture import Capture, LayerSpec, flatten_output
 from .curvature.diagonal import DiagonalGradients
-from .glm_blocks import KINDS, BlockFeatures, block_moments, diag_block_moments, kind_pairs
+from .glm_blocks import (
+    KINDS,
+    BlockFeatures,
+    block_moments,
+    block_root,
+    diag_block_moments,
+    kind_pairs,
+)
 from .kron import DiagBlock, KronBlock
 from .posterior import KronPosterior
 from .sampling import check_differentiable, check_predictable
@@ -206,10 +213,17 @@ class GLMPass:
     """The GLM predictive's pass over inputs ``x`` in chunks of ``batch_size`` inputs.
 
     ``kind`` (one of ``KINDS``) and ``extra`` (elements the caller holds per input) only size
-    the default chunk: per input, ``sum_l T_l (C_l d_out + 2 (d_in + 1))`` for the layers'
-    output-gradients (``C_l = C`` times the transforms used, ``0`` for a layer whose outputs are
-    the network's) and inputs, plus ``C^2`` (``cov``: and ``C d_out`` of a shared layer) or
-    ``3 C`` for the moments.
+    the default chunk, ``batch_size = chunk_size // e`` with ``e`` the elements held per input:
+
+        e = extra + sum_l 2 T_l (d_in + 1)                      rotated and raw layer inputs
+            + (C^2 if cov else 3 C)                              the moments
+            + sum_{l not shared} m T_l C d_out                   rotated output-gradients
+            + sum_{l shared} d_out (+ C d_out if cov)            w (and the [C, d_out] product)
+            + [C^2 + 2 C sum_l T_l d_out if a backward is needed] cotangents, autograd's grads
+
+    (``m`` = 1 + the number of output maps of ``kind`` other than the identity; a layer is
+    *shared* when its outputs are the network's). So a chunk holds about ``chunk_size``
+    elements; one input is the floor (``e`` itself when ``e > chunk_size``).
     """
 
     def __init__(
@@ -239,21 +253,30 @@ class GLMPass:
         self.tail: torch.Size | None = None
         self.C, shared, sizes = self._probe()
         if batch_size is None:
-            per = sum(T * (2 * (d_in + 1)) for T, _, d_in in sizes) + extra
-            mult = (
-                1 if kind == "cov" else 1 + len({h for p in kind_pairs(kind) for h in p} - {"id"})
-            )
-            for i, (T, d_out, _) in enumerate(sizes):
-                if i in shared:
-                    per += d_out + (self.C * d_out if kind == "cov" else 0)
-                else:
-                    per += T * self.C * d_out * mult
-            per += self.C * self.C if kind == "cov" else 3 * self.C
-            batch_size = max(1, chunk_size // max(per, 1))
+            batch_size = max(1, chunk_size // self._per_input(kind, shared, sizes, extra))
         else:
             positive_int("batch_size", batch_size)
         self.batch_size = batch_size
         self._linvs: dict[int, Tensor] = {}
+
+    def _per_input(self, kind: str, shared: set[int], sizes: list, extra: int) -> int:
+        """Elements held per input (see the class docstring)."""
+        C = self.C
+        per = sum(T * 2 * (d_in + 1) for T, _, d_in in sizes) + extra
+        per += C * C if kind == "cov" else 3 * C
+        if kind == "root":  # the factor [C, r]: r = d_out (T = 1) or d_out d_in per layer
+            per += C * sum(d_out * (1 if T == 1 else d_in + 1) for T, d_out, d_in in sizes)
+        if len(shared) < len(sizes):
+            # The batched backward of all C outputs: the cotangents [C, b, C] and the
+            # output-gradients of every layer on the way (x 2: a nonlinearity's in and out).
+            per += C * C + 2 * C * sum(T * d_out for T, d_out, _ in sizes)
+        mult = 1 if kind == "cov" else 1 + len({h for p in kind_pairs(kind) for h in p} - {"id"})
+        for i, (T, d_out, _) in enumerate(sizes):
+            if i in shared:
+                per += d_out + (C * d_out if kind in ("cov", "root") else 0)
+            else:
+                per += T * C * d_out * mult
+        return max(per, 1)
 
     def _probe(self) -> tuple[int, set[int], list[tuple[int, int, int]]]:
         """One single-datum forward: ``C``, the shared layers, ``(T, d_out, d_in)`` per layer."""
@@ -343,11 +366,29 @@ class GLMPass:
                     ],
                 )
 
+    def _root(self, chunk: ChunkFeatures, b: int) -> Tensor:
+        """``[b, C, r]``: the blocks' factors side by side (``R R^T = J Sigma J^T``)."""
+        with torch.no_grad():
+            parts = [block_root(feat) for feat in chunk.blocks]
+            if parts:
+                parts = [p.expand(b, -1, -1) for p in parts]
+        diag = [[] for _ in self.diag_plans]
+        for _, ps in self.diag_jacobians(chunk.x, b):
+            with torch.no_grad():
+                for i, (J, w) in enumerate(ps):
+                    diag[i].append(diag_block_moments(J, w, "root", self.classes))
+        parts += [torch.cat(d) for d in diag]
+        if not parts:
+            raise RuntimeError("the posterior covers no parameters")
+        return torch.cat(parts, dim=-1)
+
     def moments(self, chunk: ChunkFeatures, kind: str) -> Tensor:
         """``J Sigma J^T`` of a chunk: ``[b, C, C]`` (``cov``) or ``[b, C, p]`` (pairs of
         ``kind``; the output maps act on each group of ``classes`` outputs: the last axis)."""
         group = self.classes
         b = chunk.stop - chunk.start
+        if kind == "root":
+            return self._root(chunk, b)
         with torch.no_grad():
             acc = None
             for feat in chunk.blocks:

@@ -22,7 +22,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["KINDS", "BlockFeatures", "block_moments", "diag_block_moments", "kind_pairs"]
+__all__ = [
+    "KINDS",
+    "BlockFeatures",
+    "block_moments",
+    "block_root",
+    "diag_block_moments",
+    "kind_pairs",
+]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -38,7 +45,8 @@ _PAIRS = {
     "centered": (("center", "center"),),
     "bridge": (("id", "id"), ("id", "sum"), ("sum", "sum")),
 }
-KINDS = ("cov", *_PAIRS)
+# "root": a factor R [b, C, r] with R R^T = J Sigma J^T (sampling without an eigh of C x C).
+KINDS = ("cov", "root", *_PAIRS)
 
 
 def kind_pairs(kind: str) -> tuple[tuple[str, str], ...]:
@@ -135,9 +143,22 @@ def block_moments(feat: BlockFeatures, kind: str, group: int, chunk_size: int) -
     return out
 
 
+def block_root(feat: BlockFeatures) -> Tensor:
+    """A factor ``[b, C, r]`` of one block's ``J Sigma J^T``: ``gh sqrt(w)`` (``r = d_out``)
+    when every ``Jhat_k`` is rank one, else ``Jhat sqrt(linv)`` flattened (``r = d_out d_in``)."""
+    ro = _rank_one(feat)
+    if ro is not None:
+        gh, w = ro
+        return gh * w.sqrt().unsqueeze(1)
+    J = torch.einsum("cbti,btj->bcij", feat.ghat, feat.ahat)
+    return (J * feat.linv.sqrt()).flatten(2)
+
+
 def diag_block_moments(J: Tensor, w: Tensor, kind: str, group: int) -> Tensor:
     """A diagonal block's contribution from per-example Jacobians ``J [b, C, P_block]`` and
     ``w = 1 / (c h + delta)`` ``[P_block]``: ``[b, C, C]`` (``cov``) or ``[b, C, p]``."""
     if kind == "cov":
         return (J * w) @ J.mT
+    if kind == "root":
+        return J * w.sqrt()
     return _pairwise(J, 1, kind, group, lambda m: (m * w).sum(-1))

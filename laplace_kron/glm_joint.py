@@ -34,7 +34,7 @@ from .constants import DEFAULT_CHUNK
 from .curvature.batches import BatchSizeFn, Inputs
 from .glm import GLMPass, glm_reduce
 from .glm_blocks import BlockFeatures
-from .links import gaussian_samples
+from .links import factor_samples, gaussian_samples
 from .posterior import KronPosterior
 from .validation import positive_int
 
@@ -143,8 +143,9 @@ def functional_samples(
 
     ``joint``: one draw from the joint covariance across the inputs (:func:`joint_covariance`,
     correlated inputs, ``(B C)^2`` memory); otherwise independent per input, chunk by chunk
-    (``C x C`` per input, memory bounded by ``chunk_size``). Square roots by ``eigh`` (robust to
-    singular covariances). Keywords as :func:`~laplace_kron.glm.glm_moments`.
+    from a factor ``R`` of each input's covariance (``R R^T = J Sigma J^T``, ``[C, r]`` with
+    ``r = sum_l d_out`` for dense layers), chunk by chunk (memory bounded by ``chunk_size``); the
+    joint square root by ``eigh`` (robust to singular covariances). Keywords as :func:`~laplace_kron.glm.glm_moments`.
     """
     positive_int("n_samples", n_samples)
     if joint:
@@ -153,8 +154,8 @@ def functional_samples(
         s = gaussian_samples(f.reshape(1, -1), S.unsqueeze(0), n_samples, generator)
         return s.reshape(n_samples, B, C)
 
-    def draw(f: Tensor, S: Tensor, _: int) -> Tensor:  # [b, n, C]
-        return gaussian_samples(f, S, n_samples, generator).transpose(0, 1)
+    def draw(f: Tensor, R: Tensor, _: int) -> Tensor:  # [b, n, C]
+        return factor_samples(f, R, n_samples, generator).transpose(0, 1)
 
-    _, s, _ = glm_reduce(la, x, "cov", draw, extra=n_samples, **kw)
+    _, s, _ = glm_reduce(la, x, "root", draw, extra=n_samples, **kw)
     return s.transpose(0, 1)

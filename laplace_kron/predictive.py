@@ -30,7 +30,7 @@ from .glm import (
     glm_reduce,
 )
 from .glm_joint import functional_samples, joint_covariance
-from .links import bridge_from_moments, centered_probit, gaussian_samples, laplace_bridge, probit
+from .links import bridge_from_moments, centered_probit, factor_samples, laplace_bridge, probit
 from .posterior import KronPosterior
 from .sampling import parameter_sample_outputs
 from .validation import positive_int
@@ -98,12 +98,12 @@ def _samples(
 ) -> tuple[Tensor, torch.Size]:
     """:func:`predictive_samples` plus the model output shape ``[B, ...]`` (``rest``:
     ``batch_size_fn, vectorize``)."""
-    if method == "glm":  # per input chunk: C x C covariances of one chunk at a time
+    if method == "glm":  # per input chunk, from a factor of its covariance
 
-        def draw(f: Tensor, S: Tensor, _: int) -> Tensor:
-            return gaussian_samples(f, S, n_samples, generator).transpose(0, 1)
+        def draw(f: Tensor, R: Tensor, _: int) -> Tensor:
+            return factor_samples(f, R, n_samples, generator).transpose(0, 1)
 
-        _, s, shape = glm_reduce(la, x, "cov", draw, chunk_size, None, *rest, extra=n_samples)
+        _, s, shape = glm_reduce(la, x, "root", draw, chunk_size, None, *rest, extra=n_samples)
         return s.transpose(0, 1), shape
     return parameter_sample_outputs(la, x, method, n_samples, generator, chunk_size, *rest)
 
@@ -200,7 +200,7 @@ _LINK_KINDS = {
     "centered_probit": "centered",
     "bridge": "bridge",
     "bridge_norm": "bridge",
-    "mc": "cov",
+    "mc": "root",
 }
 
 
@@ -210,9 +210,9 @@ def _link_reducer(link: str, n_samples: int, generator):
 
     def reduce(mu: Tensor, m: Tensor, C: int) -> Tensor:
         b, RC = mu.shape
-        if link == "mc":
-            mu_p, S = _per_position(mu, m, C)
-            p = torch.softmax(gaussian_samples(mu_p, S, n_samples, generator), -1).mean(0)
+        if link == "mc":  # m: a factor [b, R C, r] of the covariance
+            f = factor_samples(mu, m, n_samples, generator)
+            p = torch.softmax(f.reshape(n_samples, -1, C), -1).mean(0)
         else:
             mu_p, m = mu.reshape(-1, C), m.reshape(-1, C, m.shape[-1])
             if link == "probit":
