@@ -163,3 +163,75 @@ def test_functional_samples_shapes_and_moments():
     a = la.functional_samples(x, 5, joint=True, generator=torch.Generator().manual_seed(3))
     b = la.functional_samples(x, 5, joint=True, generator=torch.Generator().manual_seed(3))
     assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------- many classes
+
+
+def _prototype_head(C=1000, D=128, n=3000, noise=2.5, scale=0.3, seed=0):
+    """A synthetic 1,000-class last layer: a nearest-prototype classifier on 128 features."""
+    g = torch.Generator().manual_seed(seed)
+    protos = torch.randn(C, D, generator=g)
+
+    def draw(m):
+        y = torch.randint(0, C, (m,), generator=g)
+        return protos[y] + noise * torch.randn(m, D, generator=g), y
+
+    model = nn.Linear(D, C)
+    with torch.no_grad():
+        model.weight.copy_(scale * protos)
+        model.bias.copy_(-scale / 2 * protos.square().sum(1))
+    return model, draw(n), draw(600)
+
+
+def test_thousand_classes_every_link_keeps_the_map_accuracy(monkeypatch):
+    model, (x, y), (xt, yt) = _prototype_head()
+    la = lk.KronLaplace(model, "classification", modules="last_layer").fit([(x, y)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the grid's small priors are near uniform
+        la.optimize_prior_precision(
+            method="gridsearch", val_loader=[(xt[:300], yt[:300])], grid=torch.logspace(-2, 4, 7)
+        )
+    xs, ys = xt[300:], yt[300:]
+    with torch.no_grad():
+        map_acc = float((model(xs).argmax(-1) == ys).float().mean())
+    assert map_acc > 0.7
+    # The last layer's outputs are the network's: no backward pass at all.
+    calls = []
+    grad = torch.autograd.grad
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: calls.append(1) or grad(*a, **k))
+    g = torch.Generator().manual_seed(0)
+    for link in LINKS:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a tuned prior: no near-uniform warning
+            p = la.predict(xs, link=link, n_samples=50, generator=g)
+        acc = float((p.argmax(-1) == ys).float().mean())
+        assert acc > map_acc - 0.03, (link, acc, map_acc)
+        assert torch.allclose(p.sum(-1), torch.ones(len(xs)), atol=1e-4)
+    assert not calls
+    # A far too small prior: the predictive collapses to uniform; say so, once, with the fix.
+    la.prior_precision = 1e-4
+    with pytest.warns(UserWarning, match="nearly uniform.*prior precision 0.0001.*gridsearch") as w:
+        la.predict(xs)
+    assert sum("nearly uniform" in str(r.message) for r in w) == 1
+
+
+@pytest.mark.parametrize("modules", ["last_layer", None])
+def test_every_link_memory_is_bounded_by_chunk_size(modules):
+    """Peak memory of every link stays within a few chunk budgets, far below the ``B C^2``
+    covariances of all inputs (20 MB here, which centered probit / bridge used to hold)."""
+    torch.manual_seed(0)
+    C, B, chunk = 200, 64, 2**16
+    model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, C)).to(DT)
+    x = torch.randn(300, 8, dtype=DT)
+    y = torch.randint(0, C, (300,))
+    la = lk.KronLaplace(model, "classification", modules=modules, prior_precision=10.0)
+    la.fit([(x, y)])
+    la.predict(x[:2])  # warm-up (eigendecompositions)
+    all_covs = 8 * B * C * C
+    for link in LINKS:
+        peak = peak_cpu_bytes(
+            lambda link=link: la.predict(x[:B], link=link, chunk_size=chunk, n_samples=20)
+        )
+        assert peak < 4 * 8 * chunk + 2**20, (link, peak)  # measured 0.7-1.7 MB
+        assert peak < all_covs / 8, (link, peak)
