@@ -119,7 +119,7 @@ def main() -> None:
     except ImportError:
         print("laplace-torch not installed: skipped")
         return
-    tl = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(xtr, ytr), batch_size=1000)
+    tl = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(xtr, ytr), batch_size=100)
     lt = laplace.Laplace(
         model, "classification", subset_of_weights="last_layer", hessian_structure="kron"
     )

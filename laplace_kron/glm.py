@@ -20,15 +20,12 @@ For ``T = 1`` (fully connected layers) ``Jhat_k = ghat_k ahat^T`` is rank one an
 
     (J Sigma J^T)_{kk'} = sum_i ghat_{k,i} ghat_{k',i} w_i,   w_i = sum_j ahat_j^2 / (c lambda_ij + delta)
 
-costs ``O(d_in^2 + d_out d_in + C^2 d_out)`` per input and never forms a Jacobian. For ``T > 1``
-(convolutions, sequences) the projected per-example Jacobian ``[b, k, d_out, d_in]`` is built in
-tiles of inputs ``b`` and outputs ``k`` bounded by ``chunk_size`` elements. The output-gradients
-``g`` come from one backward pass per output through the captured graph. A jointly treated bias is
-the last input column (input 1); a separate bias block has ``A = [[1]]`` and input ``ahat = 1``.
-
-Diagonal blocks (:class:`~laplace_kron.kron.DiagBlock`) contribute ``sum_i J_{k,i} J_{k',i} /
-(c h_i + delta)`` from per-example Jacobians of their parameters
-(:class:`~laplace_kron.curvature.diagonal.DiagonalGradients`), in chunks of examples.
+costs ``O(d_in^2 + d_out d_in + C^2 d_out)`` per input and never forms a Jacobian; for
+``T > 1`` (convolutions, sequences) the projected Jacobian is built in tiles bounded by
+``chunk_size`` (:mod:`laplace_kron.glm_blocks`, also the ``O(C)`` moments the links need). The
+output-gradients ``g`` come from one batched backward pass over the outputs; a layer whose outputs
+are the network's needs none (``g_k = e_k``). Diagonal blocks contribute ``sum_i J_{k,i} J_{k',i}
+/ (c h_i + delta)`` from per-example Jacobians (:class:`DiagonalGradients`).
 """
 
 from __future__ import annotations

@@ -135,8 +135,9 @@ def predict(
             posterior samples, forward-mode JVPs) or ``"nn"`` (network at posterior samples).
         link: for ``glm`` classification: ``"probit"``, ``"centered_probit"`` (probit after
             removing the logit variance shared by all classes, which softmax ignores),
-            ``"mc"`` (``n_samples`` logit samples) or ``"bridge"`` (Laplace bridge; not for
-            binary). Ignored by the sampling methods.
+            ``"mc"`` (``n_samples`` logit samples), ``"bridge"`` (unnormalised Laplace bridge)
+            or ``"bridge_norm"`` (normalised; the bridges are not for binary), as laplace-torch
+            names them. Ignored by the sampling methods.
         n_samples: samples for ``link="mc"``, ``glm_mc`` and ``nn``.
         generator: random generator for all sampling.
         batch_size_fn: number of data points of a mapping batch (default: the common leading size).
@@ -151,10 +152,11 @@ def predict(
         ``P(y=1)`` ``[B]`` for one logit per datum, else in the output shape (multi-label);
         regression: ``(mean, var)`` in the output shape with ``var = functional variance +
         sigma_noise^2``. Outputs are per datum: a model that flattens ``[B, T, C]`` to
-        ``[B*T, C]`` gets ``[B, T, C]``. The links ``mc``, ``bridge`` and ``centered_probit``
-        need each position's full ``C x C`` block; they compute the joint covariance of all
-        ``T C`` outputs of a datum (``B (T C)^2`` numbers per input chunk) and keep its diagonal
-        blocks, ``probit`` only the diagonal (``B T C``).
+        ``[B*T, C]`` gets ``[B, T, C]``. No link forms a ``C x C`` covariance: ``probit``,
+        ``centered_probit`` and the bridges use ``O(C)`` moments per position, ``mc`` a factor
+        of it (:mod:`laplace_kron.glm_blocks`); memory is bounded by ``chunk_size`` (the formula
+        is in :class:`~laplace_kron.glm.GLMPass`). Warns when the predictive is nearly uniform
+        while the MAP is confident (the prior precision is too small).
     """
     _validate(method, link, n_samples, chunk_size)
     la.require_fit()
