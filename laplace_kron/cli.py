@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="centered_probit",
         help="link of the glm predictive: probit of the sum-zero projected logits "
         "(centered_probit, default), logits sampled from their Gaussian (mc), probit, or "
-        "Laplace bridge",
+        "Laplace bridge (bridge: unnormalised, bridge_norm: normalised)",
     )
     demo.add_argument(
         "--samples",

@@ -43,7 +43,8 @@ TUNING_OPTIMIZERS = ("newton", "lbfgs", "adam")
 
 # ------------------------------------------------------------------------------------ prediction
 PREDICTIVE_METHODS = ("glm", "glm_mc", "nn")
-LINKS = ("probit", "centered_probit", "mc", "bridge")
+# "bridge" is the unnormalised Laplace bridge, "bridge_norm" the normalised one (laplace-torch's).
+LINKS = ("probit", "centered_probit", "mc", "bridge", "bridge_norm")
 # Default budget (number of tensor elements) for the largest intermediate of one predictive tile.
 DEFAULT_CHUNK = 2**22
 

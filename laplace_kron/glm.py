@@ -20,20 +20,18 @@ For ``T = 1`` (fully connected layers) ``Jhat_k = ghat_k ahat^T`` is rank one an
 
     (J Sigma J^T)_{kk'} = sum_i ghat_{k,i} ghat_{k',i} w_i,   w_i = sum_j ahat_j^2 / (c lambda_ij + delta)
 
-costs ``O(d_in^2 + d_out d_in + C^2 d_out)`` per input and never forms a Jacobian. For ``T > 1``
-(convolutions, sequences) the projected per-example Jacobian ``[b, k, d_out, d_in]`` is built in
-tiles of inputs ``b`` and outputs ``k`` bounded by ``chunk_size`` elements. The output-gradients
-``g`` come from one backward pass per output through the captured graph. A jointly treated bias is
-the last input column (input 1); a separate bias block has ``A = [[1]]`` and input ``ahat = 1``.
-
-Diagonal blocks (:class:`~laplace_kron.kron.DiagBlock`) contribute ``sum_i J_{k,i} J_{k',i} /
-(c h_i + delta)`` from per-example Jacobians of their parameters
-(:class:`~laplace_kron.curvature.diagonal.DiagonalGradients`), in chunks of examples.
+costs ``O(d_in^2 + d_out d_in + C^2 d_out)`` per input and never forms a Jacobian; for
+``T > 1`` (convolutions, sequences) the projected Jacobian is built in tiles bounded by
+``chunk_size`` (:mod:`laplace_kron.glm_blocks`, also the ``O(C)`` moments the links need). The
+output-gradients ``g`` come from one batched backward pass over the outputs; a layer whose outputs
+are the network's needs none (``g_k = e_k``). Diagonal blocks contribute ``sum_i J_{k,i} J_{k',i}
+/ (c h_i + delta)`` from per-example Jacobians (:class:`DiagonalGradients`).
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -51,12 +49,28 @@ from .curvature.batches import (
 )
 from .curvature.capture import Capture, LayerSpec, flatten_output, join_use_gradients
 from .curvature.diagonal import DiagonalGradients
+from .glm_blocks import (
+    KINDS,
+    BlockFeatures,
+    block_moments,
+    block_root,
+    diag_block_moments,
+    kind_pairs,
+)
 from .kron import DiagBlock, KronBlock
 from .posterior import KronPosterior
 from .sampling import check_differentiable, check_predictable
 from .validation import positive_int
 
-__all__ = ["functional_covariance", "functional_variance", "glm_moments", "glm_outputs"]
+__all__ = [
+    "KINDS",
+    "GLMPass",
+    "functional_covariance",
+    "functional_variance",
+    "glm_moments",
+    "glm_outputs",
+    "glm_reduce",
+]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -122,96 +136,6 @@ def _check_at_mean(la: KronPosterior) -> None:
         start += k
 
 
-def _per_example_elements(la: KronPosterior, specs: list[LayerSpec], x: Inputs, B: int) -> int:
-    """Elements held per input: output-gradients of all outputs plus layer inputs (one probe)."""
-    one = slice_inputs(x, 0, 1, B)
-    with torch.no_grad(), Capture(specs) as cap:
-        f = checked_forward(la.model, one, 1)
-        C = f[0].numel()
-        total = 0
-        for s in specs:
-            T = sum(flatten_output(s, o).shape[:2].numel() for o in s.outputs)
-            total += T * (C * s.d_out + 2 * (s.d_in + 1)) + C * C
-        cap.clear()
-    return max(total, 1)
-
-
-def _block_moments(
-    plan: _Plan, a: Tensor, g: Tensor, diag: bool, chunk_size: int, linv: Tensor
-) -> Tensor:
-    """One block's contribution to ``J Sigma J^T``: ``[b, C]`` (``diag``) or ``[b, C, C]``.
-
-    ``a [b, T, d_in]`` layer inputs (without a ones column unless the bias is joint),
-    ``g [C, b, T, d_out]`` output-gradients, ``linv [d_out, d_in]`` inverse damped eigenvalues.
-    """
-    blk = plan.block
-    QG = blk.eig_G.vectors.to(g.dtype)
-    if g.shape[2] > 1 and g.mT.is_contiguous():
-        # Channel-first convolution gradients: rotate them as [d_out, T] matrices (no copy).
-        ghat = (QG.T @ g.mT).mT  # [C, b, T, d_out]
-    else:
-        ghat = g @ QG  # [C, b, T, d_out]
-    C, b, T, d_out = ghat.shape
-    if blk.A is None:
-        ahat = a.new_ones(b, T, 1)
-    else:
-        ahat = a @ blk.eig_A.vectors.to(a.dtype)  # [b, T, d_in]
-    d_in = ahat.shape[-1]
-    if T == 1:
-        gh = ghat[:, :, 0].transpose(0, 1)  # [b, C, d_out]
-        w = ahat[:, 0].square() @ linv.T  # [b, d_out]
-        if diag:
-            return (gh.square() * w.unsqueeze(1)).sum(-1)
-        return (gh * w.unsqueeze(1)) @ gh.transpose(1, 2)
-    if d_in == 1:  # bias block (input 1): Jhat_k = sum_t ghat_{k,t}
-        J = torch.einsum("cbti,bt->bci", ghat, ahat[..., 0])
-        lv = linv[:, 0]
-        if diag:
-            return (J.square() * lv).sum(-1)
-        return (J * lv) @ J.transpose(1, 2)
-    k = max(1, min(C, chunk_size // max(1, b * d_out * d_in)))
-
-    def tile(c0: int) -> Tensor:  # projected Jacobian [b, k, d_out, d_in]
-        return torch.einsum("cbti,btj->bcij", ghat[c0 : c0 + k], ahat)
-
-    if diag:
-        out = ghat.new_empty(b, C)
-        for c0 in range(0, C, k):
-            J = tile(c0)
-            out[:, c0 : c0 + k] = (J.square_() * linv).sum((-2, -1))
-        return out
-    out = ghat.new_empty(b, C, C)
-    for c0 in range(0, C, k):
-        J1 = tile(c0)
-        Jw = (J1 * linv).flatten(2)
-        for c1 in range(c0, C, k):
-            J2 = J1 if c1 == c0 else tile(c1)
-            blk_cov = Jw @ J2.flatten(2).transpose(1, 2)  # [b, k, k']
-            out[:, c0 : c0 + k, c1 : c1 + k] = blk_cov
-            if c1 != c0:
-                out[:, c1 : c1 + k, c0 : c0 + k] = blk_cov.transpose(1, 2)
-    return out
-
-
-def _diag_moments(
-    grads: DiagonalGradients, plans: list[_Plan], x: Inputs, C: int, diag: bool, linvs: dict
-) -> Tensor:
-    """The diagonal blocks' contribution to ``J Sigma J^T`` for inputs ``x``: ``[b, C]`` or
-    ``[b, C, C]``, ``sum_i J_{k,i} J_{k',i} / (c h_i + delta)`` with the per-example Jacobians
-    ``J [b', C, P_block]`` of the diagonal parameters, built for chunks of ``b'`` examples."""
-    b = input_batch_size(x)
-    eye = torch.eye(C, dtype=plans[0].block.dtype, device=plans[0].block.device)
-    out = eye.new_zeros((b, C) if diag else (b, C, C))
-    for start, jac in grads.per_example(x, eye.unsqueeze(1).expand(C, b, C)):
-        with torch.no_grad():
-            for plan in plans:
-                J = jac[plan.block.param_names[0]].flatten(2)  # [b', C, P_block]
-                w = linvs[id(plan)].reshape(-1)
-                part = (J.square() * w).sum(-1) if diag else (J * w) @ J.mT
-                out[start : start + J.shape[0]] += part
-    return out
-
-
 def _output_gradients(
     cap: Capture, specs: list[LayerSpec], f: Tensor, vectorize: bool
 ) -> tuple[list[Tensor], bool]:
@@ -260,6 +184,236 @@ def _output_gradients(
     return cap.output_gradients(f, vectors), False
 
 
+# --------------------------------------------------------------------------------------------------
+# One pass over the test inputs in chunks
+# --------------------------------------------------------------------------------------------------
+
+# autograd nodes of a linear map of a [B, d_in] input: the output is the layer's own result,
+# not modified in place afterwards (an in-place op would change the node).
+_LINEAR_NODES = ("AddmmBackward0", "MmBackward0")
+
+
+def _identity_layers(specs: list[LayerSpec], f: Tensor) -> set[int]:
+    """Layers whose single call returned the network output ``f [B, C]`` itself: their
+    output-gradient of output ``k`` is ``e_k`` and needs no backward pass."""
+    if f.ndim != 2 or f.grad_fn is None or type(f.grad_fn).__name__ not in _LINEAR_NODES:
+        return set()
+    return {
+        i
+        for i, s in enumerate(specs)
+        if isinstance(s.module, nn.Linear) and len(s.outputs) == 1 and s.outputs[0] is f
+    }
+
+
+@dataclass
+class ChunkFeatures:
+    """Inputs ``start:stop`` (``x``), their MAP outputs ``f [b, C]`` and each Kronecker block's
+    :class:`BlockFeatures` (in the order of ``GLMPass.plans``)."""
+
+    start: int
+    stop: int
+    x: Inputs
+    f: Tensor
+    blocks: list[BlockFeatures]
+
+
+class GLMPass:
+    """The GLM predictive's pass over inputs ``x`` in chunks of ``batch_size`` inputs.
+
+    ``kind`` (one of ``KINDS``) and ``extra`` (elements the caller holds per input) only size
+    the default chunk, ``batch_size = chunk_size // e`` with ``e`` the elements held per input:
+
+        e = extra + sum_l 2 T_l (d_in + 1)                      rotated and raw layer inputs
+            + (C^2 if cov else 3 C)                              the moments
+            + sum_{l not shared} m T_l C d_out                   rotated output-gradients
+            + sum_{l shared} d_out (+ C d_out if cov)            w (and the [C, d_out] product)
+            + [C^2 + 2 C sum_l T_l d_out if a backward is needed] cotangents, autograd's grads
+
+    (``m`` = 1 + the number of output maps of ``kind`` other than the identity; a layer is
+    *shared* when its outputs are the network's). So a chunk holds about ``chunk_size``
+    elements; one input is the floor (``e`` itself when ``e > chunk_size``).
+    """
+
+    def __init__(
+        self,
+        la: KronPosterior,
+        x: Inputs,
+        kind: str,
+        chunk_size: int,
+        batch_size: int | None,
+        batch_size_fn: BatchSizeFn | None,
+        vectorize: bool,
+        extra: int = 0,
+    ) -> None:
+        check_predictable(la)
+        check_differentiable("the GLM predictive")
+        self.x = prediction_inputs(x, la.options.target_key)
+        positive_int("chunk_size", chunk_size)
+        self.la, self.chunk_size, self.vectorize = la, chunk_size, vectorize
+        self.B = input_batch_size(self.x, batch_size_fn)
+        self.specs, plans = _plans(la)
+        self.diag_plans = [p for p in plans if p.layer < 0]
+        self.plans = [p for p in plans if p.layer >= 0]
+        self.diag_grads = DiagonalGradients(
+            la.model, [p.block.param_names[0] for p in self.diag_plans], chunk_size, vectorize
+        )
+        _check_at_mean(la)
+        self.tail: torch.Size | None = None
+        self.C, shared, sizes = self._probe()
+        if batch_size is None:
+            batch_size = max(1, chunk_size // self._per_input(kind, shared, sizes, extra))
+        else:
+            positive_int("batch_size", batch_size)
+        self.batch_size = batch_size
+        self._linvs: dict[int, Tensor] = {}
+
+    def _per_input(self, kind: str, shared: set[int], sizes: list, extra: int) -> int:
+        """Elements held per input (see the class docstring)."""
+        C = self.C
+        per = sum(T * 2 * (d_in + 1) for T, _, d_in in sizes) + extra
+        per += C * C if kind == "cov" else 3 * C
+        if kind == "root":  # the factor [C, r]: r = d_out (T = 1) or d_out d_in per layer
+            per += C * sum(d_out * (1 if T == 1 else d_in + 1) for T, d_out, d_in in sizes)
+        if len(shared) < len(sizes):
+            # The batched backward of all C outputs: the cotangents [C, b, C] and the
+            # output-gradients of every layer on the way (x 2: a nonlinearity's in and out).
+            per += C * C + 2 * C * sum(T * d_out for T, d_out, _ in sizes)
+        mult = 1 if kind == "cov" else 1 + len({h for p in kind_pairs(kind) for h in p} - {"id"})
+        for i, (T, d_out, _) in enumerate(sizes):
+            if i in shared:
+                per += d_out + (C * d_out if kind in ("cov", "root") else 0)
+            else:
+                per += T * C * d_out * mult
+        return max(per, 1)
+
+    def _probe(self) -> tuple[int, set[int], list[tuple[int, int, int]]]:
+        """One single-datum forward: ``C``, the shared layers, ``(T, d_out, d_in)`` per layer."""
+        one = slice_inputs(self.x, 0, 1, self.B)
+        with torch.enable_grad(), Capture(self.specs) as cap:
+            f = checked_forward(self.la.model, one, 1)
+            shared = _identity_layers(self.specs, f)
+            sizes = [
+                (
+                    sum(flatten_output(s, o).shape[:2].numel() for o in s.outputs),
+                    s.d_out,
+                    s.d_in,
+                )
+                for s in self.specs
+            ]
+            C = f[0].numel()
+            # Class axis of a classifier's output (the groups of the centering / bridge maps).
+            self.classes = f.shape[-1] if f.ndim > 1 else 1
+            cap.clear()
+        return C, shared, sizes
+
+    def linv(self, plan: _Plan) -> Tensor:
+        """``1 / (c lambda + delta)`` of a block, once per pass (``P`` numbers in all)."""
+        if id(plan) not in self._linvs:
+            self._linvs[id(plan)] = plan.inv_eigvals()
+        return self._linvs[id(plan)]
+
+    def chunks(self) -> Iterator[ChunkFeatures]:
+        """The chunks' features, one chunk alive at a time."""
+        specs, B = self.specs, self.B
+        for start in range(0, B, self.batch_size):
+            stop = min(B, start + self.batch_size)
+            b = stop - start
+            xb = slice_inputs(self.x, start, stop, B)
+            with torch.enable_grad(), Capture(specs) as cap:
+                f = checked_forward(self.la.model, xb, b)
+                self.tail = f.shape[1:]
+                f2 = f.reshape(b, -1)
+                if not torch.isfinite(f2).all():
+                    raise ValueError("the network output contains NaN or Inf for finite inputs")
+                shared = _identity_layers(specs, f)
+                rest = [s for i, s in enumerate(specs) if i not in shared]
+                g_rest, self.vectorize = _output_gradients(Capture(rest), rest, f2, self.vectorize)
+                grads: list[Tensor | None] = [None] * len(specs)
+                for s, g in zip([i for i in range(len(specs)) if i not in shared], g_rest):
+                    grads[s] = group_by_datum(g, b, specs[s].name, lead=1)
+                inputs = [group_by_datum(cap.layer_inputs(s), b, s.name) for s in specs]
+                cap.clear()
+            with torch.no_grad():
+                blocks = [self._rotate(p, inputs[p.layer], grads[p.layer]) for p in self.plans]
+            del grads, inputs, g_rest
+            yield ChunkFeatures(start, stop, xb, f2.detach(), blocks)
+
+    def _rotate(self, plan: _Plan, a: Tensor, g: Tensor | None) -> BlockFeatures:
+        blk = plan.block
+        QG = blk.eig_G.vectors.to(a.dtype)
+        if blk.A is None:
+            ahat = a.new_ones(a.shape[0], a.shape[1], 1)
+        else:
+            ahat = a @ blk.eig_A.vectors.to(a.dtype)  # [b, T, d_in]
+        if g is None:  # the layer's outputs are the network's: g_k = e_k, ghat_k = Q_G[k]
+            return BlockFeatures(ahat, QG[:, None, None, :], self.linv(plan), True)
+        if g.shape[2] > 1 and g.mT.is_contiguous():
+            # Channel-first convolution gradients: rotate them as [d_out, T] matrices (no copy).
+            ghat = (QG.T @ g.mT).mT  # [C, b, T, d_out]
+        else:
+            ghat = g @ QG
+        return BlockFeatures(ahat, ghat, self.linv(plan), False)
+
+    def diag_jacobians(
+        self, xb: Inputs, b: int
+    ) -> Iterator[tuple[int, list[tuple[Tensor, Tensor]]]]:
+        """Per-example Jacobians of the diagonal blocks for ``xb``: ``(start, [(J [b', C, P],
+        w [P])])`` per sub-chunk of examples (sized by ``chunk_size``)."""
+        if not self.diag_plans:
+            return
+        C = self.C
+        dtype, device = self.diag_plans[0].block.dtype, self.diag_plans[0].block.device
+        eye = torch.eye(C, dtype=dtype, device=device)
+        for start, jac in self.diag_grads.per_example(xb, eye.unsqueeze(1).expand(C, b, C)):
+            with torch.no_grad():
+                yield (
+                    start,
+                    [
+                        (jac[p.block.param_names[0]].flatten(2), self.linv(p).reshape(-1))
+                        for p in self.diag_plans
+                    ],
+                )
+
+    def _root(self, chunk: ChunkFeatures, b: int) -> Tensor:
+        """``[b, C, r]``: the blocks' factors side by side (``R R^T = J Sigma J^T``)."""
+        with torch.no_grad():
+            parts = [block_root(feat) for feat in chunk.blocks]
+            if parts:
+                parts = [p.expand(b, -1, -1) for p in parts]
+        diag = [[] for _ in self.diag_plans]
+        for _, ps in self.diag_jacobians(chunk.x, b):
+            with torch.no_grad():
+                for i, (J, w) in enumerate(ps):
+                    diag[i].append(diag_block_moments(J, w, "root", self.classes))
+        parts += [torch.cat(d) for d in diag]
+        if not parts:
+            raise RuntimeError("the posterior covers no parameters")
+        return torch.cat(parts, dim=-1)
+
+    def moments(self, chunk: ChunkFeatures, kind: str) -> Tensor:
+        """``J Sigma J^T`` of a chunk: ``[b, C, C]`` (``cov``) or ``[b, C, p]`` (pairs of
+        ``kind``; the output maps act on each group of ``classes`` outputs: the last axis)."""
+        group = self.classes
+        b = chunk.stop - chunk.start
+        if kind == "root":
+            return self._root(chunk, b)
+        with torch.no_grad():
+            acc = None
+            for feat in chunk.blocks:
+                part = block_moments(feat, kind, group, self.chunk_size)
+                acc = part if acc is None else acc.add_(part)
+        for start, parts in self.diag_jacobians(chunk.x, b):
+            with torch.no_grad():
+                if acc is None:
+                    shape = (b, self.C, self.C if kind == "cov" else len(kind_pairs(kind)))
+                    acc = chunk.f.new_zeros(shape)
+                for J, w in parts:
+                    acc[start : start + J.shape[0]] += diag_block_moments(J, w, kind, group)
+        if acc is None:
+            raise RuntimeError("the posterior covers no parameters")
+        return acc
+
+
 def glm_moments(
     la: KronPosterior,
     x: Inputs,
@@ -274,12 +428,39 @@ def glm_moments(
     Returns ``f [B, C]`` (the model output flattened per datum, ``C = 1`` for ``[B]`` outputs) and
     ``J Sigma J^T`` as ``[B, C, C]`` (or its diagonal ``[B, C]`` if ``diag``), detached.
     Inputs are processed in chunks of ``batch_size`` (default: as many as fit the budget
-    ``chunk_size`` elements for the output-gradients of all ``C`` outputs); projected Jacobian
-    tiles of convolutions / sequences are kept below ``chunk_size`` elements. ``vectorize``: one
-    batched (vmapped) backward pass for all outputs instead of one per output.
+    ``chunk_size``, see :class:`GLMPass`); projected Jacobian tiles of convolutions / sequences
+    are kept below ``chunk_size`` elements. ``vectorize``: one batched (vmapped) backward pass
+    for all outputs instead of one per output.
     """
     f, S, _ = glm_outputs(la, x, diag, chunk_size, batch_size, batch_size_fn, vectorize)
     return f, S
+
+
+def glm_reduce(
+    la: KronPosterior,
+    x: Inputs,
+    kind: str,
+    reduce: Callable[[Tensor, Tensor, int], Tensor],
+    chunk_size: int = DEFAULT_CHUNK,
+    batch_size: int | None = None,
+    batch_size_fn: BatchSizeFn | None = None,
+    vectorize: bool = True,
+    extra: int = 0,
+) -> tuple[Tensor, Tensor, torch.Size]:
+    """``reduce(f_chunk [b, C], moments_chunk, classes)`` per input chunk, concatenated: only one chunk's
+    moments (``kind``, see :data:`KINDS`) are alive at a time. Returns ``(f [B, C], reduced,
+    output shape [B, ...])``."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    run = GLMPass(la, x, kind, chunk_size, batch_size, batch_size_fn, vectorize, extra)
+    fs, outs = [], []
+    for chunk in run.chunks():
+        m = run.moments(chunk, kind)
+        with torch.no_grad():
+            outs.append(reduce(chunk.f, m, run.classes))
+        fs.append(chunk.f)
+        del chunk, m
+    return torch.cat(fs), torch.cat(outs), torch.Size((run.B, *run.tail))
 
 
 def glm_outputs(
@@ -292,58 +473,9 @@ def glm_outputs(
     vectorize: bool = True,
 ) -> tuple[Tensor, Tensor, torch.Size]:
     """:func:`glm_moments` plus the model output shape ``[B, ...]``."""
-    check_predictable(la)
-    check_differentiable("the GLM predictive")
-    x = prediction_inputs(x, la.options.target_key)
-    positive_int("chunk_size", chunk_size)
-    B = input_batch_size(x, batch_size_fn)
-    specs, plans = _plans(la)
-    diag_plans = [p for p in plans if p.layer < 0]
-    plans = [p for p in plans if p.layer >= 0]
-    diag_grads = DiagonalGradients(
-        la.model, [p.block.param_names[0] for p in diag_plans], chunk_size, vectorize
-    )
-    _check_at_mean(la)
-    if batch_size is None:
-        batch_size = max(1, chunk_size // _per_example_elements(la, specs, x, B))
-    else:
-        positive_int("batch_size", batch_size)
-    fs, covs, tail = [], [], None
-    linvs: dict[int, Tensor] = {}
-    for start in range(0, B, batch_size):
-        stop = min(B, start + batch_size)
-        xb = slice_inputs(x, start, stop, B)
-        with torch.enable_grad(), Capture(specs) as cap:
-            f = checked_forward(la.model, xb, stop - start)
-            tail = f.shape[1:]
-            f2 = f.reshape(stop - start, -1)
-            if not torch.isfinite(f2).all():
-                raise ValueError("the network output contains NaN or Inf for finite inputs")
-            grads, vectorize = _output_gradients(cap, specs, f2, vectorize)
-            # Layers that see the positions flattened into the batch axis: per datum.
-            b = stop - start
-            grads = [group_by_datum(g, b, s.name, lead=1) for g, s in zip(grads, specs)]
-            inputs = [group_by_datum(cap.layer_inputs(s), b, s.name) for s in specs]
-            cap.clear()
-        with torch.no_grad():
-            acc = None
-            for j, plan in enumerate(plans):
-                # Layer inputs carry a ones column exactly when the block holds a joint bias.
-                a, g = inputs[plan.layer], grads[plan.layer]
-                if j not in linvs:  # once per call (P numbers in all), not once per chunk
-                    linvs[j] = plan.inv_eigvals()
-                part = _block_moments(plan, a, g, diag, chunk_size, linvs[j])
-                acc = part if acc is None else acc.add_(part)
-        if diag_plans:
-            for plan in diag_plans:
-                linvs.setdefault(id(plan), plan.inv_eigvals())
-            part = _diag_moments(diag_grads, diag_plans, xb, f2.shape[1], diag, linvs)
-            acc = part if acc is None else acc.add_(part)
-        with torch.no_grad():
-            fs.append(f2.detach())
-            covs.append(acc)
-            del grads, inputs
-    return torch.cat(fs), torch.cat(covs), torch.Size((B, *tail))
+    kind = "var" if diag else "cov"
+    keep = (lambda f, m, c: m[..., 0]) if diag else (lambda f, m, c: m)
+    return glm_reduce(la, x, kind, keep, chunk_size, batch_size, batch_size_fn, vectorize)
 
 
 def functional_covariance(la: KronPosterior, x: Inputs, **kw) -> Tensor:

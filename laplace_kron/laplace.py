@@ -72,9 +72,15 @@ class KronLaplace(KronPosterior):
         return marglik.optimize_prior_precision(self, *args, **kwargs)
 
     # ------------------------------------------------------------------ prediction
-    def functional_covariance(self, x, **kw) -> Tensor:
-        """``J(x) Sigma J(x)^T`` ``[B, C, C]``; see :func:`laplace_kron.predictive.functional_covariance`."""
-        return predictive.functional_covariance(self, x, **kw)
+    def functional_covariance(self, x, joint: bool = False, **kw) -> Tensor:
+        """``J(x) Sigma J(x)^T``: ``[B, C, C]``, or ``[B C, B C]`` across inputs with ``joint``;
+        see :func:`laplace_kron.predictive.functional_covariance`."""
+        return predictive.functional_covariance(self, x, joint=joint, **kw)
+
+    def functional_samples(self, x, n_samples: int = 100, joint: bool = False, **kw) -> Tensor:
+        """GLM function samples ``[n, B, C]``; see
+        :func:`laplace_kron.glm_joint.functional_samples`."""
+        return predictive.functional_samples(self, x, n_samples, joint=joint, **kw)
 
     def functional_variance(self, x, **kw) -> Tensor:
         """Diagonal of :meth:`functional_covariance`, ``[B, C]``."""

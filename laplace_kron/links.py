@@ -7,9 +7,10 @@ For classification, with ``mu = f(x; theta*)`` and ``S = J Sigma J^T`` (the GLM 
   shift invariant, so ``E[softmax(f)] = E[softmax(P f)]`` exactly, but the probit approximation
   is not; projecting first removes the shared-shift variance it would otherwise count;
 * ``mc``: ``mean_s softmax(f_s)``, ``f_s ~ N(mu, S)``;
-* ``bridge``: Laplace bridge (Hobbhahn et al., 2022). The logit Gaussian is first conditioned on
-  ``sum_k f_k = 0`` (softmax is shift invariant): ``mu <- mu - S 1 (1^T mu) / (1^T S 1)``,
-  ``S <- S - S 1 1^T S / (1^T S 1)``; then normalised so that the mean variance is ``sqrt(K/2)``:
+* ``bridge`` / ``bridge_norm``: Laplace bridge (Hobbhahn et al., 2022), laplace-torch's
+  ``bridge`` / ``bridge_norm``. The logit Gaussian is first conditioned on ``sum_k f_k = 0``
+  (softmax is shift invariant): ``mu <- mu - S 1 (1^T mu) / (1^T S 1)``, ``S <- S - S 1 1^T S /
+  (1^T S 1)``; ``bridge_norm`` then rescales so that the mean variance is ``sqrt(K/2)``:
   ``r = mean_k S_kk / sqrt(K/2)``, ``mu <- mu / sqrt(r)``, ``s_k = S_kk / r``; then
   ``alpha_k = (1 - 2/K + exp(mu_k) / K^2 sum_l exp(-mu_l)) / s_k`` and the prediction is the
   Dirichlet mean ``alpha / sum_k alpha_k`` (computed in log space).
@@ -22,7 +23,14 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["centered_probit", "gaussian_samples", "laplace_bridge", "probit"]
+__all__ = [
+    "bridge_from_moments",
+    "centered_probit",
+    "factor_samples",
+    "gaussian_samples",
+    "laplace_bridge",
+    "probit",
+]
 
 
 def probit(mean: Tensor, var: Tensor, binary: bool = False) -> Tensor:
@@ -53,18 +61,33 @@ def laplace_bridge(mean: Tensor, cov: Tensor, normalize: bool = True) -> Tensor:
 
     The Gaussian is conditioned on ``sum_k f_k = 0`` and (``normalize``) rescaled so that its
     mean variance is ``sqrt(K / 2)`` before ``alpha_k = (1 - 2/K + e^{mu_k} sum_l e^{-mu_l} / K^2)
-    / s_k``; returns ``alpha / sum(alpha)`` ``[B, K]``.
+    / s_k``; returns ``alpha / sum(alpha)`` ``[B, K]`` (see :func:`bridge_from_moments`).
+    """
+    row = cov.sum(-1)  # S 1, [B, K]
+    return bridge_from_moments(
+        mean, cov.diagonal(dim1=-2, dim2=-1), row, row.sum(-1, keepdim=True), normalize
+    )
+
+
+def bridge_from_moments(
+    mean: Tensor, var: Tensor, cov_sum: Tensor, var_sum: Tensor, normalize: bool
+) -> Tensor:
+    """The Laplace bridge from ``mean, var = S_kk, cov_sum = (S 1)_k`` ``[..., K]`` and
+    ``var_sum = 1^T S 1`` (``[..., 1]`` or broadcastable): all it needs of ``S``, so the GLM
+    predictive never forms ``S`` for it (``O(K)`` per input).
+
+    ``normalize=False`` is laplace-torch's ``bridge``, ``True`` its ``bridge_norm``; evaluated in
+    log space (``logsumexp``), where the direct ``exp(mu)`` overflows once the logits span more
+    than ~88 (float32) after the normalisation's rescaling ``mu / sqrt(r)``.
     """
     K = mean.shape[-1]
     if K < 2:
         raise ValueError("the Laplace bridge needs at least 2 classes; use link='probit'")
-    ones_s = cov.sum(-1)  # S 1, [B, K]
-    tot = ones_s.sum(-1, keepdim=True)  # 1^T S 1
+    tot = var_sum
     ok = tot > 0
     safe = torch.where(ok, tot, torch.ones_like(tot))
-    mu = torch.where(ok, mean - ones_s * mean.sum(-1, keepdim=True) / safe, mean)
-    var = cov.diagonal(dim1=-2, dim2=-1)
-    var = torch.where(ok, var - ones_s.square() / safe, var)
+    mu = torch.where(ok, mean - cov_sum * mean.sum(-1, keepdim=True) / safe, mean)
+    var = torch.where(ok, var - cov_sum.square() / safe, var)
     tiny = torch.finfo(var.dtype).tiny
     var = var.clamp_min(tiny)
     if normalize:
@@ -85,3 +108,10 @@ def gaussian_samples(
     root = evecs * evals.clamp_min(0).sqrt().unsqueeze(-2)
     z = torch.randn(n, *mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
     return mean + torch.einsum("bij,nbj->nbi", root, z)
+
+
+def factor_samples(mean: Tensor, root: Tensor, n: int, generator: torch.Generator | None) -> Tensor:
+    """``n`` samples of ``N(mean [B, C], R R^T)`` from a factor ``root [B, C, r]``: ``mean + R z``,
+    ``z ~ N(0, I_r)``, ``[n, B, C]`` (no ``eigh``: ``O(n C r)`` per input)."""
+    z = torch.randn(n, *mean.shape[:-1], root.shape[-1], generator=generator, dtype=mean.dtype)
+    return mean + torch.einsum("bcr,nbr->nbc", root, z.to(mean.device))

@@ -11,6 +11,8 @@ computed Jacobian-free in the Kronecker eigenbasis by :mod:`laplace_kron.glm`.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 
@@ -20,8 +22,15 @@ from .curvature.batches import (
     BatchSizeFn,
     Inputs,
 )
-from .glm import functional_covariance, functional_variance, glm_moments, glm_outputs
-from .links import centered_probit, gaussian_samples, laplace_bridge, probit
+from .glm import functional_covariance as _marginal_covariance
+from .glm import (
+    functional_variance,
+    glm_moments,
+    glm_outputs,
+    glm_reduce,
+)
+from .glm_joint import functional_samples, joint_covariance
+from .links import bridge_from_moments, centered_probit, factor_samples, laplace_bridge, probit
 from .posterior import KronPosterior
 from .sampling import parameter_sample_outputs
 from .validation import positive_int
@@ -29,12 +38,26 @@ from .validation import positive_int
 __all__ = [
     "METHODS",
     "LINKS",
+    "centered_probit",
+    "laplace_bridge",
+    "probit",
     "functional_covariance",
+    "functional_samples",
     "functional_variance",
     "glm_moments",
     "predict",
     "predictive_samples",
 ]
+
+
+def functional_covariance(la: KronPosterior, x: Inputs, joint: bool = False, **kw) -> Tensor:
+    """GLM output covariance ``J(x) Sigma J(x)^T``, Jacobian-free in the Kronecker eigenbasis:
+    per input ``[B, C, C]``, or with ``joint=True`` across all inputs ``[B C, B C]``
+    (input-major: row ``b C + k``; :func:`~laplace_kron.glm_joint.joint_covariance`). Keywords:
+    ``chunk_size``, ``batch_size``, ``batch_size_fn``, ``vectorize``."""
+    if joint:
+        return joint_covariance(la, x, **kw)[1]
+    return _marginal_covariance(la, x, **kw)
 
 
 def _validate(method: str, link: str, n_samples: int, chunk_size: int) -> None:
@@ -75,9 +98,13 @@ def _samples(
 ) -> tuple[Tensor, torch.Size]:
     """:func:`predictive_samples` plus the model output shape ``[B, ...]`` (``rest``:
     ``batch_size_fn, vectorize``)."""
-    if method == "glm":
-        mean, cov, shape = glm_outputs(la, x, False, chunk_size, None, *rest)
-        return gaussian_samples(mean, cov, n_samples, generator), shape
+    if method == "glm":  # per input chunk, from a factor of its covariance
+
+        def draw(f: Tensor, R: Tensor, _: int) -> Tensor:
+            return factor_samples(f, R, n_samples, generator).transpose(0, 1)
+
+        _, s, shape = glm_reduce(la, x, "root", draw, chunk_size, None, *rest, extra=n_samples)
+        return s.transpose(0, 1), shape
     return parameter_sample_outputs(la, x, method, n_samples, generator, chunk_size, *rest)
 
 
@@ -108,8 +135,9 @@ def predict(
             posterior samples, forward-mode JVPs) or ``"nn"`` (network at posterior samples).
         link: for ``glm`` classification: ``"probit"``, ``"centered_probit"`` (probit after
             removing the logit variance shared by all classes, which softmax ignores),
-            ``"mc"`` (``n_samples`` logit samples) or ``"bridge"`` (Laplace bridge; not for
-            binary). Ignored by the sampling methods.
+            ``"mc"`` (``n_samples`` logit samples), ``"bridge"`` (unnormalised Laplace bridge)
+            or ``"bridge_norm"`` (normalised; the bridges are not for binary), as laplace-torch
+            names them. Ignored by the sampling methods.
         n_samples: samples for ``link="mc"``, ``glm_mc`` and ``nn``.
         generator: random generator for all sampling.
         batch_size_fn: number of data points of a mapping batch (default: the common leading size).
@@ -124,40 +152,37 @@ def predict(
         ``P(y=1)`` ``[B]`` for one logit per datum, else in the output shape (multi-label);
         regression: ``(mean, var)`` in the output shape with ``var = functional variance +
         sigma_noise^2``. Outputs are per datum: a model that flattens ``[B, T, C]`` to
-        ``[B*T, C]`` gets ``[B, T, C]``. The links ``mc``, ``bridge`` and ``centered_probit``
-        need each position's full ``C x C`` block; they compute the joint covariance of all
-        ``T C`` outputs of a datum (``B (T C)^2`` numbers per input chunk) and keep its diagonal
-        blocks, ``probit`` only the diagonal (``B T C``).
+        ``[B*T, C]`` gets ``[B, T, C]``. No link forms a ``C x C`` covariance: ``probit``,
+        ``centered_probit`` and the bridges use ``O(C)`` moments per position, ``mc`` a factor
+        of it (:mod:`laplace_kron.glm_blocks`); memory is bounded by ``chunk_size`` (the formula
+        is in :class:`~laplace_kron.glm.GLMPass`). Warns when the predictive is nearly uniform
+        while the MAP is confident (the prior precision is too small).
     """
     _validate(method, link, n_samples, chunk_size)
     la.require_fit()
     lik = la.likelihood
-    if lik == "binary" and link == "bridge" and method == "glm":
-        raise ValueError("link='bridge' needs several classes; for binary use 'probit' or 'mc'")
+    if lik == "binary" and link.startswith("bridge") and method == "glm":
+        raise ValueError(f"link={link!r} needs several classes; for binary use 'probit' or 'mc'")
     if method == "glm":
-        full = lik == "classification" and link in ("mc", "bridge", "centered_probit")
-        mu, S, shape = glm_outputs(
-            la, x, not full, chunk_size, batch_size, batch_size_fn, vectorize
-        )
+        rest = (chunk_size, batch_size, batch_size_fn, vectorize)
         if lik == "regression":
+            mu, S, shape = glm_outputs(la, x, True, *rest)
             var = S + la.sigma_noise.to(S.dtype) ** 2
             return mu.reshape(shape), var.reshape(shape)
         if lik == "binary":  # independent labels: the diagonal is all that matters
+            mu, S, shape = glm_outputs(la, x, True, *rest)
             mu, var = mu.reshape(-1), S.reshape(-1)
             if link in ("probit", "centered_probit"):  # one logit: nothing to centre
                 return _binary_shape(probit(mu, var, binary=True), shape)
             z = torch.randn(n_samples, *mu.shape, generator=generator, dtype=mu.dtype)
             return _binary_shape(torch.sigmoid(mu + var.sqrt() * z.to(mu.device)).mean(0), shape)
-        mu, S = _per_position(mu, S, shape[-1])
-        if link == "probit":
-            p = probit(mu, S)
-        elif link == "bridge":
-            p = laplace_bridge(mu, S)
-        elif link == "centered_probit":
-            p = centered_probit(mu, S)
-        else:
-            p = torch.softmax(gaussian_samples(mu, S, n_samples, generator), -1).mean(0)
-        return p.reshape(shape)
+        kind = _LINK_KINDS[link]
+        mu, p, shape = glm_reduce(
+            la, x, kind, _link_reducer(link, n_samples, generator), *rest, extra=n_samples
+        )
+        p = p.reshape(shape)
+        warn_if_uniform(la, p, mu.reshape(shape))
+        return p
     samples, shape = _samples(
         la, x, method, n_samples, generator, chunk_size, batch_size_fn, vectorize
     )
@@ -169,6 +194,64 @@ def predict(
     mean = samples.mean(0)
     var = samples.var(0, correction=0) + la.sigma_noise.to(samples.dtype) ** 2
     return mean.reshape(shape), var.reshape(shape)
+
+
+# What each classification link needs of the logit covariance of an input (glm_blocks.KINDS).
+_LINK_KINDS = {
+    "probit": "var",
+    "centered_probit": "centered",
+    "bridge": "bridge",
+    "bridge_norm": "bridge",
+    "mc": "root",
+}
+
+
+def _link_reducer(link: str, n_samples: int, generator):
+    """``(mu [b, R C], moments, C) -> probabilities [b, R C]`` for one chunk of inputs (``R``
+    positions of ``C`` classes, each position its own softmax)."""
+
+    def reduce(mu: Tensor, m: Tensor, C: int) -> Tensor:
+        b, RC = mu.shape
+        if link == "mc":  # m: a factor [b, R C, r] of the covariance
+            f = factor_samples(mu, m, n_samples, generator)
+            p = torch.softmax(f.reshape(n_samples, -1, C), -1).mean(0)
+        else:
+            mu_p, m = mu.reshape(-1, C), m.reshape(-1, C, m.shape[-1])
+            if link == "probit":
+                p = probit(mu_p, m[..., 0])
+            elif link == "centered_probit":  # m: variances of the projected logits P f
+                p = probit(mu_p - mu_p.mean(-1, keepdim=True), m[..., 0].clamp_min(0))
+            else:
+                norm = link == "bridge_norm"
+                p = bridge_from_moments(mu_p, m[..., 0], m[..., 1], m[..., :1, 2], norm)
+        return p.reshape(b, RC)
+
+    return reduce
+
+
+def warn_if_uniform(la: KronPosterior, p: Tensor, logits: Tensor) -> None:
+    """Warn (once) when the predictive ``p [..., C]`` is near uniform on average while the MAP
+    ``softmax(logits)`` is confident: the posterior variance swamps the logits."""
+    C = p.shape[-1]
+    if C < 2 or p.numel() == 0:
+        return
+    u = 1 / C
+
+    def lift(q: Tensor) -> float:  # mean top probability, 0 = uniform, 1 = certain
+        return float((q.max(-1).values.mean() - u) / (1 - u))
+
+    pred, map_ = lift(p), lift(torch.softmax(logits.to(p.dtype), -1))
+    if pred < 0.05 and map_ > 0.5:
+        prec = la.prior_precision.detach().flatten()
+        shown = f"{prec.item():.3g}" if prec.numel() == 1 else f"{prec.min():.3g}-{prec.max():.3g}"
+        warnings.warn(
+            f"the predictive is nearly uniform (mean top probability {pred * (1 - u) + u:.3g} for "
+            f"{C} classes) while the MAP is confident ({map_ * (1 - u) + u:.3g}): the posterior "
+            f"variance swamps the logits at prior precision {shown}. Try tuning the prior on "
+            "validation data (optimize_prior_precision(method='gridsearch', val_loader=...)), a "
+            "larger prior precision, or last-layer Laplace (modules='last_layer')",
+            stacklevel=3,
+        )
 
 
 def _binary_shape(p: Tensor, shape: torch.Size) -> Tensor:

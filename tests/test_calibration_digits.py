@@ -145,7 +145,7 @@ if __name__ == "__main__":  # prints the table quoted in docs/predictive.md
                 p_map = torch.softmax(model(xs), -1)
             rows = [("MAP", p_map)] + [
                 (f"Laplace GLM {link}", la.predict(xs, link=link, n_samples=1000))
-                for link in ("probit", "mc", "bridge")
+                for link in ("probit", "mc", "bridge_norm", "bridge")
             ]
             for label, p in rows:
                 m = metrics.classification_report(p, y_te)

@@ -404,7 +404,7 @@ def test_predict_uses_each_positions_block_of_the_dense_covariance():
         mu = model(ids)
     blocks = torch.stack([cov[:, t * C : (t + 1) * C, t * C : (t + 1) * C] for t in range(2)], 1)
     want = laplace_bridge(mu.reshape(-1, C), blocks.reshape(-1, C, C)).reshape(3, 2, C)
-    torch.testing.assert_close(la.predict(ids, link="bridge"), want, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(la.predict(ids, link="bridge_norm"), want, rtol=1e-9, atol=1e-12)
     p = la.predict({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
     assert p.shape == (3, 2, C)
     torch.testing.assert_close(p.sum(-1), torch.ones(3, 2, dtype=DT))

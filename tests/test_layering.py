@@ -31,6 +31,8 @@ RANKS: dict[str, int] = {
     "posterior": 5,
     "sampling": 6,
     "glm": 6,
+    "glm_blocks": 6,
+    "glm_joint": 6,
     "predictive": 6,
     "marglik": 6,
     "laplace": 7,

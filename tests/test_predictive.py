@@ -188,8 +188,12 @@ def test_probit_and_bridge_match_closed_forms():
         alpha = (1 - 2 / K + m.exp() / K**2 * (-m).exp().sum(1, keepdim=True)) / v
         return alpha / alpha.sum(1, keepdim=True)
 
-    probs = la.predict(x, link="bridge")
+    probs = la.predict(x, link="bridge_norm")
     torch.testing.assert_close(probs, bridge(mu, S, True), rtol=1e-10, atol=0)
+    # "bridge" is the unnormalised bridge (laplace-torch's naming).
+    torch.testing.assert_close(
+        la.predict(x, link="bridge"), bridge(mu, S, False), rtol=1e-10, atol=0
+    )
     assert torch.allclose(probs.sum(1), torch.ones(6, dtype=DT))
     torch.testing.assert_close(
         pred.laplace_bridge(mu, S, normalize=False), bridge(mu, S, False), rtol=1e-10, atol=0
@@ -439,7 +443,8 @@ def test_agrees_with_laplace_torch():
         xt = x[:7]
         _, f_var = lt._glm_predictive_distribution(xt)
         assert rel_err(la.functional_covariance(xt), f_var) < 1e-10
-        for link, lt_link in (("probit", "probit"), ("bridge", "bridge_norm")):
+        links = ("probit", "bridge", "bridge_norm")
+        for link, lt_link in zip(links, links, strict=True):
             expected = lt(xt, pred_type="glm", link_approx=lt_link)
             torch.testing.assert_close(la.predict(xt, link=link), expected, rtol=1e-9, atol=1e-12)
 
