@@ -24,7 +24,6 @@ the predictive's cost does not depend on it).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 import warnings
@@ -34,7 +33,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from glm_predictive_memory import peak_cpu_bytes  # noqa: E402
+from glm_predictive_memory import median_time, peak_cpu_bytes  # noqa: E402
 
 import laplace_kron as lk  # noqa: E402
 from laplace_kron.constants import LINKS  # noqa: E402
@@ -63,16 +62,6 @@ def synthetic(C: int, D: int, n_train: int, n_test: int, seed: int = 0):
             opt.step()
     model = nn.Sequential(feats, head).eval()
     return model, (xtr, ytr), draw(1000), draw(n_test)
-
-
-def median_time(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:
