@@ -257,20 +257,11 @@ def train_full_batch(
 
 
 def fit_temperature(logits: Tensor, targets: Tensor) -> float:
-    """Temperature scaling (Guo et al. 2017): ``T`` minimising the NLL of ``softmax(logits / T)``
-    on held-out data, by L-BFGS on ``log T``."""
-    logits = logits.detach().double()
-    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([log_t], lr=0.5, max_iter=100, line_search_fn="strong_wolfe")
+    """Temperature scaling (Guo et al. 2017) on held-out data: the demo's
+    :func:`laplace_kron.demo.fit_temperature` (L-BFGS on ``log T``)."""
+    from laplace_kron.demo import fit_temperature as fit
 
-    def closure() -> Tensor:
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(logits / log_t.exp(), targets)
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return float(log_t.detach().exp())
+    return fit(logits, targets)
 
 
 @torch.no_grad()

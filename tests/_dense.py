@@ -104,3 +104,13 @@ def make_data(likelihood: str, n: int, d_out: int, x_shape=(4,), seed=0):
     else:
         y = torch.randint(0, 2, (n,), generator=g).double()
     return x, y
+
+
+def assert_penalty_is_quadratic(ol, model: nn.Module, Lam: Tensor) -> None:
+    """Perturb ``model``'s parameters and check ``ol.penalty() = strength/2 d^T Lam d``."""
+    theta0 = torch.cat([p.detach().flatten() for p in model.parameters()])
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    d = torch.cat([p.detach().flatten() for p in model.parameters()]) - theta0
+    torch.testing.assert_close(ol.penalty(), 0.5 * ol.strength * d @ Lam @ d)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _dense import exact_ggn, jacobian, rel_err
+from _dense import assert_penalty_is_quadratic, exact_ggn, jacobian, rel_err
 from torch import nn
 
 import laplace_kron as lk
@@ -212,12 +212,7 @@ def test_online_laplace_with_use_blocks():
     curv = lk.kfac(model, [(x, y)], "classification", fisher="exact")
     Lam = curv.to_dense() + ol.prior_precision * torch.eye(curv.n_params)
     torch.testing.assert_close(ol.to_dense(), Lam)
-    theta0 = torch.cat([p.detach().flatten() for p in model.parameters()])
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.01 * torch.randn_like(p))
-    d = torch.cat([p.detach().flatten() for p in model.parameters()]) - theta0
-    torch.testing.assert_close(ol.penalty(), 0.5 * ol.strength * d @ Lam @ d)
+    assert_penalty_is_quadratic(ol, model, Lam)
 
 
 def test_gpt2_one_token_conv1d_blocks_exact():

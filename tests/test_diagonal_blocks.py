@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from _dense import exact_ggn, jacobian
+from _dense import assert_penalty_is_quadratic, exact_ggn, jacobian
 from torch import nn
 
 import laplace_kron as lk
@@ -211,12 +211,7 @@ def test_online_laplace_penalty_dense():
     ol.consolidate([(x, y)])
     Lam = 1.5 * curv.to_dense() + ol.prior_precision * torch.eye(curv.n_params)
     torch.testing.assert_close(ol.to_dense(), Lam)
-    theta0 = torch.cat([p.detach().flatten() for p in model.parameters()])
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.01 * torch.randn_like(p))
-    d = torch.cat([p.detach().flatten() for p in model.parameters()]) - theta0
-    torch.testing.assert_close(ol.penalty(), 0.5 * ol.strength * d @ Lam @ d)
+    assert_penalty_is_quadratic(ol, model, Lam)
     # save / load keeps the mixed precision
     ol2 = lk.OnlineLaplace(model, "classification", curvature="kfac", fisher="exact")
     ol2.load_state_dict(ol.state_dict())
