@@ -33,6 +33,7 @@ Frobenius-closest matrix to ``sum grad grad^T`` that is diagonal in the KFAC eig
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import nullcontext
 
 import torch
 from torch import Tensor, nn
@@ -40,7 +41,8 @@ from torch import Tensor, nn
 from ..kron import KronBlock
 from .batches import FitBatch, forward_batch, group_by_datum, is_empty, mask_padding, to_device
 from .capture import Capture, LayerSpec, Workspace, native_to_weight_order
-from .diagonal import DiagonalGradients, example_cotangents
+from .diag_uses import FastDiagonal
+from .diagonal import DiagonalGradients, example_cotangents, slice_examples
 from .gram import gram_lower_, mirror_, per_example_sq
 from .likelihoods import (
     iter_output_gradient_vectors,
@@ -76,11 +78,15 @@ class FactorAccumulator:
         self._orders = [input_order(s, state.device) for s in specs]
         self._work = Workspace()
         self._uses_checked = False
-        # Diagonal blocks: per-example gradients from the same output-gradient vectors.
-        self._diag = None
+        # Diagonal blocks: per-example gradients from the same output-gradient vectors, from
+        # the fit's backward pass where every use is recognised (FastDiagonal, verified on the
+        # first batch), else by a vmapped per-example pass (DiagonalGradients).
+        self._vmapped: dict[tuple[str, ...], DiagonalGradients] = {}
+        self._fast = None
+        self._fast_checked = False
         if state.diag:
-            shift = options.shift_labels
-            self._diag = DiagonalGradients(model, list(state.diag), shift_labels=shift)
+            named = dict(model.named_parameters())
+            self._fast = FastDiagonal({n: named[n] for n in state.diag})
 
     def clear(self) -> None:
         """Free the scratch buffers."""
@@ -108,17 +114,22 @@ class FactorAccumulator:
         """Add one batch to the KFAC factors (first pass); an empty batch adds nothing."""
         if is_empty(y):
             return
+        recording = nullcontext() if self._fast is None else self._fast.rec
+        if self._fast is not None:
+            self._fast.begin()
         with Capture(self.specs) as cap:
-            b = self._forward(x, y, i)
+            with recording:
+                b = self._forward(x, y, i)
             if not self._uses_checked:
                 self._check_uses(cap, b)
+            fast = self._fast_names(cap, b, x)
             with torch.no_grad():
                 for li, spec in enumerate(self.specs):
                     if spec.has_weight:
                         self._add_A(li, self._inputs(cap, spec, b.num_data), b.positions)
             closed = self._closed_form_G(b)
             # One output-gradient vector at a time: G needs only sums over vectors.
-            for grads in self._output_gradients(cap, b, x):
+            for grads in self._output_gradients(cap, b, x, fast):
                 with torch.no_grad():
                     for li, g in enumerate(grads):
                         if li not in closed:
@@ -162,11 +173,14 @@ class FactorAccumulator:
             st.num_data += b.num_data
             st.n_observed += b.observed()
 
-    def _output_gradients(self, cap: Capture, b: FitBatch, x=None) -> Iterator[list[Tensor]]:
+    def _output_gradients(
+        self, cap: Capture, b: FitBatch, x=None, fast: list[str] | None = None
+    ) -> Iterator[list[Tensor]]:
         """Per output-gradient vector, the layers' output-gradients ``[1, N, T, d_out]`` (grouped
         by datum, padded positions zeroed); the vectors are drawn in chunks
         (:func:`iter_output_gradient_vectors`) and vanish at unobserved targets. With the inputs
-        ``x``, each chunk of vectors is also added to the diagonal blocks' sums."""
+        ``x``, each vector is also added to the diagonal blocks' sums: those of ``fast`` from the
+        same backward pass, the others by a per-example pass."""
         o = self.options
         chunks = iter_output_gradient_vectors(
             b.f, b.y, self.likelihood, o.fisher, o.mc_samples, self.state.generator
@@ -175,8 +189,15 @@ class FactorAccumulator:
         def grouped(vectors: Tensor, retain: bool) -> Iterator[list[Tensor]]:
             if b.keep is not None:
                 vectors = vectors * b.keep
-            self._add_diag(cap, x, vectors, b.num_data)
-            for grads in cap.iter_output_gradients(b.f, vectors, retain_graph=retain):
+            N = b.num_data
+            slow = [n for n in self.state.diag if n not in (fast or [])]
+            if x is not None and slow:
+                self._add_diag(cap, x, vectors, N, slow)
+            uses = self._fast.uses(N, fast) if x is not None and fast else []
+            extra = [u.output for u in uses] or None
+            for grads in cap.iter_output_gradients(b.f, vectors, retain, extra):
+                if extra:
+                    self.state.add_diag(self._fast.squared_sums(uses, grads.pop(), N, fast))
                 yield [
                     mask_padding(group_by_datum(g, b.num_data, s.name, lead=1), b.positions)
                     for g, s in zip(grads, self.specs, strict=True)
@@ -188,17 +209,63 @@ class FactorAccumulator:
             vectors = following
         yield from grouped(vectors, False)
 
-    def _add_diag(self, cap: Capture, x, vectors: Tensor, num_data: int) -> None:
-        """``D_sum += sum_{n,k} grad_{n,k}^2`` for vectors ``[K, M, C]`` over the ``M`` output
-        rows, ``M / N`` rows per datum (diagonal blocks)."""
-        if x is None or self._diag is None:
-            return
-        self._diag.check_mode()
+    def _vmapped_gradients(self, names: list[str]) -> DiagonalGradients:
+        key = tuple(names)
+        if key not in self._vmapped:
+            shift = self.options.shift_labels
+            self._vmapped[key] = DiagonalGradients(self.model, names, shift_labels=shift)
+        return self._vmapped[key]
+
+    def _add_diag(self, cap: Capture, x, vectors: Tensor, num_data: int, names: list[str]) -> None:
+        """``D_sum += sum_{n,k} grad_{n,k}^2`` of the diagonal-block parameters ``names`` for
+        vectors ``[K, M, C]`` over the ``M`` output rows, ``M / N`` rows per datum, by a
+        per-example pass."""
+        diag = self._vmapped_gradients(names)
+        diag.check_mode()
         exact = self.options.fisher == "exact"
         per_datum = example_cotangents(vectors.detach(), num_data, separate_rows=exact)
-        with cap.paused():
-            sums = self._diag.squared_sums(to_device(x, self.state.device), per_datum)
+        with cap.paused(), self._paused_fast():
+            sums = diag.squared_sums(to_device(x, self.state.device), per_datum)
         self.state.add_diag(sums)
+
+    def _paused_fast(self):
+        rec = None if self._fast is None else self._fast.rec
+        return _Paused(rec)
+
+    def _fast_names(self, cap: Capture, b: FitBatch, x) -> list[str]:
+        """The diagonal-block parameters whose sums come from the fit's backward pass for this
+        batch: none for the exact Fisher with several output rows per datum (the exact GGN
+        diagonal needs each row's gradient separately); verified on the first batch."""
+        if self._fast is None:
+            return []
+        N = b.num_data
+        if self.options.fisher == "exact" and b.f.shape[0] > N:
+            return []
+        if not self._fast_checked:
+            self._fast_checked = True
+            self._verify_fast(cap, b, x)
+        ok = set(self._fast.candidates(N))
+        return [n for n in self._fast.names if n in ok]
+
+    def _verify_fast(self, cap: Capture, b: FitBatch, x) -> None:
+        """Check the recorded uses' per-example gradients against a batch-of-one pass (one
+        datum) and the batch gradient, for one random output vector; failures keep the vmapped path."""
+        gen = torch.Generator(device=b.f.device).manual_seed(1)
+        v = torch.randn(b.f.shape, generator=gen, dtype=b.f.dtype, device=b.f.device)
+        x = to_device(x, self.state.device)
+        cot = example_cotangents(v.unsqueeze(0), b.num_data, separate_rows=False)
+
+        def reference(names: list[str], lo: int, hi: int) -> dict[str, Tensor]:
+            shift = self.options.shift_labels
+            diag = DiagonalGradients(self.model, names, vectorize=False, shift_labels=shift)
+            parts: dict[str, list[Tensor]] = {n: [] for n in names}
+            with cap.paused(), self._paused_fast():
+                for _, grads in diag.per_example(slice_examples(x, lo, hi), cot[:, lo:hi]):
+                    for n, g in grads.items():
+                        parts[n].append(g[:, 0].detach())
+            return {n: torch.cat(p) for n, p in parts.items()}
+
+        self._fast.verify(b.f, v, b.num_data, reference)
 
     def _output_layers(self, f: Tensor) -> set[int]:
         """Layers whose output *is* the network output ``f``, when the exact Fisher makes their
@@ -365,3 +432,18 @@ def input_order(spec: LayerSpec, device: torch.device) -> Tensor | None:
     if spec.joint:
         idx = torch.cat([idx, idx.new_tensor([idx.numel()])])
     return idx.to(device)
+
+
+class _Paused:
+    """Context pausing a recorder (``None``: nothing)."""
+
+    def __init__(self, rec) -> None:
+        self.rec = rec
+
+    def __enter__(self) -> None:
+        if self.rec is not None:
+            self.rec.paused = True
+
+    def __exit__(self, *exc) -> None:
+        if self.rec is not None:
+            self.rec.paused = False

@@ -330,8 +330,12 @@ class Capture:
         return a
 
     def iter_output_gradients(
-        self, f: Tensor, vectors: Tensor, retain_graph: bool = False
-    ) -> Iterator[list[Tensor]]:
+        self,
+        f: Tensor,
+        vectors: Tensor,
+        retain_graph: bool = False,
+        extra: list[Tensor] | None = None,
+    ) -> Iterator[list]:
         """Backpropagate each vector ``s_k`` (``vectors [K, B, C]``) from the output ``f``.
 
         Yields, for ``k = 1..K`` in turn, per layer ``g [1, B, T, d_out]``: the gradient of
@@ -339,6 +343,8 @@ class Capture:
         one at a time keeps memory at one vector's gradients (the exact Fisher has ``K = C``).
         Convolution gradients are ``[B, T, C]`` views of the channel-first tensors autograd
         returns (no copy). The graph is freed after the last vector unless ``retain_graph``.
+        With ``extra`` tensors, the same backward pass also gives their gradients, appended as
+        one more list (zeros where unused).
         """
         outs = [o for spec in self.specs for o in spec.outputs]
         for o, spec in zip(outs, [s for s in self.specs for _ in s.outputs]):
@@ -348,19 +354,21 @@ class Capture:
                     "wrapped in torch.no_grad()?"
                 )
         K = vectors.shape[0]
-        if not outs:  # no Kronecker layers (only diagonal blocks): nothing to backpropagate
+        extra = list(extra or [])
+        if not outs and not extra:  # no Kronecker layers: nothing to backpropagate
             yield from ([] for _ in range(K))
             return
         for k in range(K):
             grads = torch.autograd.grad(
                 f,
-                outs,
+                outs + extra,
                 grad_outputs=vectors[k].reshape(f.shape),
                 retain_graph=retain_graph or k < K - 1,
                 allow_unused=True,
             )
-            grads = [torch.zeros_like(o) if g is None else g for o, g in zip(outs, grads)]
-            result, start = [], 0
+            grads = [torch.zeros_like(o) if g is None else g for o, g in zip(outs + extra, grads)]
+            result: list = []
+            start = 0
             for spec in self.specs:
                 c = len(spec.outputs)
                 if spec.by_use:
@@ -372,6 +380,8 @@ class Capture:
                     g = (parts[0] if c == 1 else torch.cat(parts, dim=2)).transpose(1, 2)
                 result.append(g.unsqueeze(0))
                 start += c
+            if extra:
+                result.append(grads[len(outs) :])
             yield result
 
     def output_gradients(self, f: Tensor, vectors: Tensor) -> list[Tensor]:

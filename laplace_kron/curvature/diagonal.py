@@ -26,7 +26,7 @@ from torch.func import functional_call, vjp, vmap
 
 from .batches import Inputs, model_arguments, model_output
 
-__all__ = ["DiagonalGradients", "example_cotangents", "example_rows"]
+__all__ = ["DiagonalGradients", "example_cotangents", "example_rows", "slice_examples"]
 
 # Batch-norm layers: per-example (batch of one) gradients are those of the full batch only in
 # eval mode, where the running statistics are used.
@@ -84,7 +84,7 @@ class DiagonalGradients:
         params = self._params()
         for start in range(0, B, b):
             stop = min(B, start + b)
-            xs = _slice(x, start, stop)
+            xs = slice_examples(x, start, stop)
             s = cot[:, start:stop]
             if self.vectorize:
                 try:
@@ -134,7 +134,9 @@ class DiagonalGradients:
         out = {n: s.new_zeros(b, K, *sh) for n, sh in self.shapes.items()}
         with torch.enable_grad():
             for i in range(b):
-                f = example_rows(self.model, leaves, _slice(xs, i, i + 1), self.shift_labels)
+                f = example_rows(
+                    self.model, leaves, slice_examples(xs, i, i + 1), self.shift_labels
+                )
                 for k in range(K):
                     grads = torch.autograd.grad(
                         f, list(leaves.values()), s[k, i], retain_graph=k < K - 1, allow_unused=True
@@ -177,7 +179,7 @@ def example_rows(model: nn.Module, params: dict[str, Tensor], x1: Inputs, shift:
     return f.reshape(-1)
 
 
-def _slice(x: Inputs, start: int, stop: int) -> Inputs:
+def slice_examples(x: Inputs, start: int, stop: int) -> Inputs:
     """Examples ``start:stop`` of a tensor or of each tensor of a mapping (others unchanged)."""
     if isinstance(x, Mapping):
         return {k: v[start:stop] if isinstance(v, Tensor) else v for k, v in x.items()}

@@ -188,8 +188,10 @@ class FitState:
 
     def add_diag(self, sums: Mapping[str, Tensor]) -> None:
         """Add one batch's squared per-example gradients (name -> tensor shaped like the
-        parameter) to ``D_sum``."""
+        parameter, for some or all of the diagonal-block parameters) to ``D_sum``."""
         for i, name in enumerate(self.diag):
+            if name not in sums:  # parameters whose sums come from another path
+                continue
             d = self.D_sum[i]
             self.D_sum[i] = sums[name].clone() if d is None else d.add_(sums[name])
 
