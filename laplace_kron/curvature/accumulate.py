@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from ..kron import KronBlock
+from .embedding import add_counts, token_mask, token_sq_sums
 from .batches import FitBatch, forward_batch, group_by_datum, is_empty, mask_padding, to_device
 from .capture import Capture, LayerSpec, Workspace, native_to_weight_order
 from .diagonal import DiagonalGradients, example_cotangents
@@ -114,8 +115,13 @@ class FactorAccumulator:
                 self._check_uses(cap, b)
             with torch.no_grad():
                 for li, spec in enumerate(self.specs):
-                    if spec.has_weight:
-                        self._add_A(li, self._inputs(cap, spec, b.num_data), b.positions)
+                    a = self._inputs(cap, spec, b.num_data) if spec.has_weight else None
+                    if spec.embedding:  # token indices: a diagonal factor of counts
+                        mask = token_mask(spec, a, b.positions)
+                        st = self.state
+                        st.A_sum[li] = add_counts(st.A_sum[li], a, mask, spec.d_in, st.dtype)
+                    elif spec.has_weight:
+                        self._add_A(li, a, b.positions)
             closed = self._closed_form_G(b)
             # One output-gradient vector at a time: G needs only sums over vectors.
             for grads in self._output_gradients(cap, b, x):
@@ -172,14 +178,24 @@ class FactorAccumulator:
             b.f, b.y, self.likelihood, o.fisher, o.mc_samples, self.state.generator
         )
 
+        # Embeddings: positions at padding_idx are no data of the layer (no gradient reaches W).
+        tokens = [
+            token_mask(s, self._inputs(cap, s, b.num_data)) if s.embedding else None
+            for s in self.specs
+        ]
+
         def grouped(vectors: Tensor, retain: bool) -> Iterator[list[Tensor]]:
             if b.keep is not None:
                 vectors = vectors * b.keep
             self._add_diag(cap, x, vectors, b.num_data)
             for grads in cap.iter_output_gradients(b.f, vectors, retain_graph=retain):
-                yield [
+                out = [
                     mask_padding(group_by_datum(g, b.num_data, s.name, lead=1), b.positions)
                     for g, s in zip(grads, self.specs, strict=True)
+                ]
+                yield [
+                    g if m is None else g * m.to(g.dtype)[None, :, :, None]
+                    for g, m in zip(out, tokens, strict=True)
                 ]
 
         vectors = next(chunks)
@@ -209,7 +225,7 @@ class FactorAccumulator:
         return {
             li
             for li, spec in enumerate(self.specs)
-            if len(spec.outputs) == 1 and spec.outputs[0] is f
+            if len(spec.outputs) == 1 and spec.outputs[0] is f and not spec.embedding
         }
 
     def _closed_form_G(self, b: FitBatch) -> set[int]:
@@ -317,6 +333,7 @@ class FactorAccumulator:
                         [self._rotate_inputs(li, j, a, b) for j, b in enumerate(bases[li])]
                     )
             corr: list[list[Tensor]] = [[0.0] * len(layer) for layer in bases]
+            spec_is_embedding = [s.embedding for s in self.specs]
             closed = self._output_layers(fc)
             with torch.no_grad():
                 for li in closed:  # one position per datum: E = sum_n diag(Q^T H_n Q) (x) r_n^2
@@ -333,7 +350,11 @@ class FactorAccumulator:
                         if li in closed:
                             continue
                         for j, b in enumerate(bases[li]):
-                            sq = per_example_sq(rotated[li][j], g @ b.eig_G.vectors)
+                            gr, r = g @ b.eig_G.vectors, rotated[li][j]
+                            if spec_is_embedding[li]:  # r: the token indices (Q_A = I)
+                                sq = token_sq_sums(r, gr, b.d_in)
+                            else:
+                                sq = per_example_sq(r, gr)
                             corr[li][j] = corr[li][j] + sq
         return corr
 
@@ -343,6 +364,8 @@ class FactorAccumulator:
         B, T, d = a.shape
         if block.A is None:  # a bias-only block sees the constant input 1 at every position
             return a.new_ones(B, T, 1)
+        if self.specs[li].embedding:  # token indices in the basis Q_A = I: unchanged
+            return a
         Q = block.eig_A.vectors
         idx = self._orders[li]
         if idx is not None:

@@ -7,6 +7,10 @@ Recognised calls (the weight found by the identity of the parameter):
 * ``F.linear(x, W, b)``: ``y = W a + b`` per row ``a`` of ``x [B, ..., d_in]``;
 * ``torch.addmm(b, x, W)`` / ``torch.matmul(x, W)`` / ``x @ W``: ``y = a W + b`` with ``W`` stored
   ``[d_in, d_out]`` (Hugging Face ``Conv1D``);
+* ``F.embedding(i, W, padding_idx)``: ``y = W^T onehot(i)`` per index of ``i [B, ...]`` with
+  ``W`` stored ``[V, D] = [d_in, d_out]`` (``nn.Embedding``); the indices are recorded, never a
+  one-hot. ``max_norm``, ``scale_grad_by_freq``, ``sparse`` or another ``padding_idx`` than the
+  module's are refused (such a weight keeps its diagonal block: ``embeddings="diag"``);
 * ``F.multi_head_attention_forward`` of an ``nn.MultiheadAttention`` whose projections are
   covered: its in- and out-projections run here as ``F.linear`` calls that are recorded, and the
   attention core runs in PyTorch's function with identity projections (exact: ``x I = x``). Inside
@@ -34,6 +38,7 @@ from .selection import LayerSpec
 __all__ = ["UseRecorder", "check_uses", "rows3"]
 
 _MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
+_EMBEDDING_SIGNATURE = inspect.signature(F.embedding)
 _MATMULS = (torch.matmul, Tensor.matmul, Tensor.__matmul__)
 
 
@@ -78,6 +83,13 @@ class UseRecorder(TorchFunctionMode):
             if spec is not None and spec.transposed and args[0].ndim >= 2:
                 y = func(*args)
                 self.record(spec, args[0], y)
+                return y
+        elif func is F.embedding:
+            spec = self.by_weight.get(id(args[1] if len(args) > 1 else kwargs.get("weight")))
+            if spec is not None:
+                idx = _check_embedding_call(spec, _EMBEDDING_SIGNATURE.bind(*args, **kwargs))
+                y = func(*args, **kwargs)
+                self.record(spec, idx.unsqueeze(-1), y)
                 return y
         elif func is F.multi_head_attention_forward:
             bound = _MHA_SIGNATURE.bind(*args, **kwargs)
@@ -136,6 +148,26 @@ class UseRecorder(TorchFunctionMode):
         return self._linear(out_spec, out, Wo, bo, None), weights
 
 
+def _check_embedding_call(spec: LayerSpec, bound: inspect.BoundArguments) -> Tensor:
+    """The indices of an ``F.embedding`` call of a Kronecker-covered weight; a call whose
+    gradient is not ``sum_t g_t onehot(i_t)^T`` off the padding row is refused."""
+    a = bound.arguments
+    pad, V = a.get("padding_idx"), spec.weight.shape[0]
+    if pad is not None and pad < 0:
+        pad += V
+    if a.get("max_norm") is not None or a.get("scale_grad_by_freq") or a.get("sparse"):
+        what = "max_norm, scale_grad_by_freq or sparse"
+    elif pad != spec.padding_idx:
+        what = f"padding_idx={pad} (the module has {spec.padding_idx})"
+    else:
+        return a["input"]
+    raise ValueError(
+        f"embedding {spec.name!r}: its weight is used in F.embedding with {what}, whose gradient "
+        "the Kronecker capture does not model; pass embeddings='diag' (exact diagonal block) or "
+        "leave it out of modules=[...]"
+    )
+
+
 def check_uses(specs: list[LayerSpec], grads: list[Tensor], inputs: list[Tensor], params) -> None:
     """Refuse a layer whose recorded uses do not account for its gradient.
 
@@ -145,7 +177,10 @@ def check_uses(specs: list[LayerSpec], grads: list[Tensor], inputs: list[Tensor]
     (a weight used outside the recognised calls) would make the block silently wrong.
     """
     for spec, g, a, (gw, gb) in zip(specs, grads, inputs, params, strict=True):
-        J = torch.einsum("knto,nti->oi", g, a)  # sum over uses and positions of g a^T
+        if spec.embedding:  # a holds token indices: J[:, v] = sum of g over positions with v
+            J = _embedding_gradient(spec, g, a)
+        else:
+            J = torch.einsum("knto,nti->oi", g, a)  # sum over uses and positions of g a^T
         parts = []
         if spec.has_weight:
             w = J[:, : spec.d_in]
@@ -158,7 +193,18 @@ def check_uses(specs: list[LayerSpec], grads: list[Tensor], inputs: list[Tensor]
             if (mine - true).abs().max() > 1e-4 * scale:
                 raise ValueError(
                     f"layer {spec.name!r}: its weight is used outside the linear maps the "
-                    "capture records (F.linear, addmm / matmul, attention's projections), so its "
-                    "Kronecker block would be wrong. Give it a diagonal block by leaving it "
-                    "out of modules=[...] (or report the use)"
+                    "capture records (F.linear, addmm / matmul, F.embedding, attention's "
+                    "projections), so its Kronecker block would be wrong. Give it a diagonal "
+                    "block by leaving it out of modules=[...] (an nn.Embedding: "
+                    "embeddings='diag'), or report the use"
                 )
+
+
+def _embedding_gradient(spec: LayerSpec, g: Tensor, idx: Tensor) -> Tensor:
+    """``[D, V]``: ``sum_{k,n,t} g[k,n,t] onehot(idx[n,t])^T`` without the padding row."""
+    D, V = spec.d_out, spec.d_in
+    rows = g.sum(0).reshape(-1, D)
+    J = rows.new_zeros(V, D).index_add_(0, idx.reshape(-1), rows)
+    if spec.padding_idx is not None:
+        J[spec.padding_idx] = 0
+    return J.T
