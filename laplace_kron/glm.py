@@ -320,7 +320,7 @@ class GLMPass:
             stop = min(B, start + self.batch_size)
             b = stop - start
             xb = slice_inputs(self.x, start, stop, B)
-            with torch.enable_grad(), Capture(specs) as cap:
+            with torch.enable_grad(), Capture(specs, b) as cap:
                 f = checked_forward(self.la.model, xb, b)
                 self.tail = f.shape[1:]
                 f2 = f.reshape(b, -1)

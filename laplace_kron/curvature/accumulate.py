@@ -39,7 +39,15 @@ from torch import Tensor, nn
 
 from ..kron import KronBlock
 from .embedding import add_counts, token_mask, token_sq_sums
-from .batches import FitBatch, forward_batch, group_by_datum, is_empty, mask_padding, to_device
+from .batches import (
+    FitBatch,
+    fit_batch_size,
+    forward_batch,
+    group_by_datum,
+    is_empty,
+    mask_padding,
+    to_device,
+)
 from .capture import Capture, LayerSpec, Workspace, native_to_weight_order
 from .diagonal import DiagonalGradients, example_cotangents
 from .gram import gram_lower_, mirror_, per_example_sq
@@ -109,7 +117,7 @@ class FactorAccumulator:
         """Add one batch to the KFAC factors (first pass); an empty batch adds nothing."""
         if is_empty(y):
             return
-        with Capture(self.specs) as cap:
+        with Capture(self.specs, _batch_size(x, y)) as cap:
             b = self._forward(x, y, i)
             if not self._uses_checked:
                 self._check_uses(cap, b)
@@ -140,6 +148,7 @@ class FactorAccumulator:
             return
         gen = torch.Generator(device=b.f.device).manual_seed(0)
         v = torch.randn(b.f.shape, generator=gen, dtype=b.f.dtype, device=b.f.device)
+        v[b.f.shape[0] // b.num_data :] = 0  # the first data point only: see check_uses
         wanted = [t for s in specs for t in (s.weight, s.bias) if t is not None and t.requires_grad]
         got = torch.autograd.grad(b.f, wanted, v, retain_graph=True, allow_unused=True)
         by_id = {id(t): g for t, g in zip(wanted, got, strict=True)}
@@ -322,7 +331,7 @@ class FactorAccumulator:
     def _ekfac_sums(self, x, y, bases: list[list[KronBlock]], i: int) -> list[list[Tensor]]:
         """One batch's ``sum_{k,n} (Q_G^T (sum_t g a^T) Q_A)^2`` per block, ``bases`` with the
         output factor in ``G`` (:meth:`LayerSpec.standard_block`)."""
-        with Capture(self.specs) as cap:
+        with Capture(self.specs, _batch_size(x, y)) as cap:
             fb = self._forward(x, y, i)
             fc = fb.f
             with torch.no_grad():
@@ -377,6 +386,15 @@ class FactorAccumulator:
         out = self._work.get(("rotated", li, j), (B, T, Q.shape[1]), a)
         torch.mm(a.reshape(B * T, d), Q, out=out.view(B * T, -1))
         return out
+
+
+def _batch_size(x, y) -> int | None:
+    """``N`` of a batch for the capture, ``None`` if the batch is malformed (the checked forward
+    then names the problem)."""
+    try:
+        return fit_batch_size(x, y)
+    except (ValueError, TypeError, AttributeError):
+        return None
 
 
 def input_order(spec: LayerSpec, device: torch.device) -> Tensor | None:

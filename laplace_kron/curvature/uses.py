@@ -56,6 +56,9 @@ class UseRecorder(TorchFunctionMode):
         super().__init__()
         self.by_weight = {id(s.weight): s for s in specs}
         self.paused = False
+        # The batch's number of data points, when known: an embedding indexed without a batch
+        # axis of its own (positions [1, T] shared by the batch) is broadcast to it.
+        self.batch_size: int | None = None
 
     def record(self, spec: LayerSpec, x: Tensor, y: Tensor, rows=None) -> None:
         spec.inputs.append(rows3(x).detach())
@@ -89,6 +92,11 @@ class UseRecorder(TorchFunctionMode):
             if spec is not None:
                 idx = _check_embedding_call(spec, _EMBEDDING_SIGNATURE.bind(*args, **kwargs))
                 y = func(*args, **kwargs)
+                N = self.batch_size
+                if N is not None and N > 1 and idx.ndim >= 1 and idx.shape[0] == 1:
+                    # Shared by the batch: its per-datum output-gradients are those of the
+                    # broadcast copy (exact: later ops broadcast [1, ...] against [N, ...]).
+                    idx, y = idx.expand(N, *idx.shape[1:]), y.expand(N, *y.shape[1:])
                 self.record(spec, idx.unsqueeze(-1), y)
                 return y
         elif func is F.multi_head_attention_forward:
@@ -169,28 +177,24 @@ def _check_embedding_call(spec: LayerSpec, bound: inspect.BoundArguments) -> Ten
 
 
 def check_uses(specs: list[LayerSpec], grads: list[Tensor], inputs: list[Tensor], params) -> None:
-    """Refuse a layer whose recorded uses do not account for its gradient.
+    """Refuse a layer whose recorded uses do not account for its per-datum gradient.
 
-    ``grads``: per layer the output-gradients ``[1, N, T, d_out]`` of one random vector,
-    ``inputs``: the inputs ``[N, T, d_in (+1)]`` in weight order, ``params``: per layer the
-    autograd gradients of its weight / bias for the same vector. A use the capture cannot see
-    (a weight used outside the recognised calls) would make the block silently wrong.
+    ``grads``: per layer the output-gradients ``[1, N, T, d_out]`` of one random vector that is
+    zero outside the first data point's outputs, ``inputs``: the inputs ``[N, T, d_in (+1)]`` in
+    weight order, ``params``: per layer the autograd gradients of its weight / bias for the same
+    vector. The capture's gradient of the first data point must be autograd's and the others'
+    must vanish: a use the capture cannot see (a weight used outside the recognised calls), or
+    inputs shared by the batch that are read as positions of several data points, would make the
+    block silently wrong.
     """
     for spec, g, a, (gw, gb) in zip(specs, grads, inputs, params, strict=True):
-        if spec.embedding:  # a holds token indices: J[:, v] = sum of g over positions with v
-            J = _embedding_gradient(spec, g, a)
-        else:
-            J = torch.einsum("knto,nti->oi", g, a)  # sum over uses and positions of g a^T
-        parts = []
-        if spec.has_weight:
-            w = J[:, : spec.d_in]
-            parts.append((w.mT if spec.transposed else w, gw))
-        if spec.has_bias:
-            parts.append((g.sum((0, 1, 2)), gb))
-        for mine, true in parts:
-            true = torch.zeros_like(mine) if true is None else true.reshape(mine.shape)
-            scale = true.abs().max().clamp_min(mine.abs().max()).clamp_min(1e-30)
-            if (mine - true).abs().max() > 1e-4 * scale:
+        mine = _use_gradients(spec, g[:, :1], a[:1])
+        others = _use_gradients(spec, g[:, 1:], a[1:])
+        trues = [t for t, has in ((gw, spec.has_weight), (gb, spec.has_bias)) if has]
+        for m, other, true in zip(mine, others, trues, strict=True):
+            true = torch.zeros_like(m) if true is None else true.reshape(m.shape)
+            scale = true.abs().max().clamp_min(m.abs().max()).clamp_min(1e-30)
+            if (m - true).abs().max() > 1e-4 * scale:
                 raise ValueError(
                     f"layer {spec.name!r}: its weight is used outside the linear maps the "
                     "capture records (F.linear, addmm / matmul, F.embedding, attention's "
@@ -198,6 +202,31 @@ def check_uses(specs: list[LayerSpec], grads: list[Tensor], inputs: list[Tensor]
                     "block by leaving it out of modules=[...] (an nn.Embedding: "
                     "embeddings='diag'), or report the use"
                 )
+            if other.numel() and other.abs().max() > 1e-4 * scale:
+                raise ValueError(
+                    f"layer {spec.name!r}: the gradient of one data point reaches positions "
+                    "the capture assigns to other data points: its inputs are shared by the "
+                    "batch (e.g. positions arange(T) without a batch axis), so per-datum "
+                    "gradients cannot be separated. Give its inputs a batch axis ([1, T] is "
+                    "broadcast exactly for an nn.Embedding), or give it a diagonal block "
+                    "(embeddings='diag', or leave it out of modules=[...])"
+                )
+
+
+def _use_gradients(spec: LayerSpec, g: Tensor, a: Tensor) -> list[Tensor]:
+    """The weight (in its stored orientation) and bias gradients ``sum g a^T`` of the recorded
+    uses, ``g [K, N, T, d_out]``, ``a [N, T, d_in (+1)]`` (token indices for an embedding)."""
+    if spec.embedding:  # a holds token indices: J[:, v] = sum of g over positions with v
+        J = _embedding_gradient(spec, g, a)
+    else:
+        J = torch.einsum("knto,nti->oi", g, a)  # sum over uses and positions of g a^T
+    parts = []
+    if spec.has_weight:
+        w = J[:, : spec.d_in]
+        parts.append(w.mT if spec.transposed else w)
+    if spec.has_bias:
+        parts.append(g.sum((0, 1, 2)))
+    return parts
 
 
 def _embedding_gradient(spec: LayerSpec, g: Tensor, idx: Tensor) -> Tensor:
