@@ -57,6 +57,7 @@ __all__ = [
     "symeig",
 ]
 
+
 @dataclass
 class KronBlock(BlockOps):
     """One curvature block ``G (x) A`` (or ``G`` alone for a bias), optionally EKFAC-corrected.

@@ -187,7 +187,7 @@ def select_coverage(
     (:func:`_use_specs`: attention's projections, Hugging Face ``Conv1D``, weights tied between
     ``nn.Linear`` layers), captured by parameter use (:mod:`.uses`); ``False`` keeps module hooks
     only (the optimizers' preconditioners). ``embeddings`` (with ``by_use``) gives the weight of
-    an ``nn.Embedding`` (not tied, no ``max_norm``, not ``sparse``, no ``scale_grad_by_freq``) a
+    an ``nn.Embedding`` (not tied, no ``max_norm``, no ``scale_grad_by_freq``) a
     Kronecker block with a diagonal input factor instead of a diagonal block.
     """
     named = [(n, m) for n, m in model.named_modules()]
@@ -303,15 +303,11 @@ def _is_hf_conv1d(m: nn.Module) -> bool:
 
 
 def kron_embedding(m: nn.Module) -> bool:
-    """An ``nn.Embedding`` whose weight's gradient is linear in the output-gradients: no
-    ``max_norm`` (renormalises the weight in the forward), not ``sparse``, no
-    ``scale_grad_by_freq``. Others (and ``nn.EmbeddingBag``) keep the exact diagonal block."""
-    return (
-        isinstance(m, nn.Embedding)
-        and m.max_norm is None
-        and not m.sparse
-        and not m.scale_grad_by_freq
-    )
+    """An ``nn.Embedding`` whose weight's gradient is ``sum_t g_t onehot(i_t)^T``: no
+    ``max_norm`` (renormalises the weight in the forward), no ``scale_grad_by_freq`` (rescales
+    the gradient by batch frequencies); ``sparse`` only changes the gradient's storage. Others
+    (and ``nn.EmbeddingBag``) keep the exact diagonal block."""
+    return isinstance(m, nn.Embedding) and m.max_norm is None and not m.scale_grad_by_freq
 
 
 def _use_spec(

@@ -147,10 +147,7 @@ class FitState:
         for key in ("A_sum", "G_sum", "E_sum"):
             if not isinstance(state[key], (list, tuple)) or len(state[key]) != n:
                 raise ValueError(f"{key} must be a list of {n} entries (one per covered layer)")
-        A = [
-            _tensor(t, dev, "A_sum", a_shape(s))
-            for t, s in zip(state["A_sum"], self.specs)
-        ]
+        A = [_tensor(t, dev, "A_sum", a_shape(s)) for t, s in zip(state["A_sum"], self.specs)]
         G = [
             _tensor(t, dev, "G_sum", (s.d_out, s.d_out)) for t, s in zip(state["G_sum"], self.specs)
         ]

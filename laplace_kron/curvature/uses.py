@@ -9,8 +9,8 @@ Recognised calls (the weight found by the identity of the parameter):
   ``[d_in, d_out]`` (Hugging Face ``Conv1D``);
 * ``F.embedding(i, W, padding_idx)``: ``y = W^T onehot(i)`` per index of ``i [B, ...]`` with
   ``W`` stored ``[V, D] = [d_in, d_out]`` (``nn.Embedding``); the indices are recorded, never a
-  one-hot. ``max_norm``, ``scale_grad_by_freq``, ``sparse`` or another ``padding_idx`` than the
-  module's are refused (such a weight keeps its diagonal block: ``embeddings="diag"``);
+  one-hot. ``max_norm``, ``scale_grad_by_freq`` or another ``padding_idx`` than the module's
+  are refused (such a weight keeps its diagonal block: ``embeddings="diag"``);
 * ``F.multi_head_attention_forward`` of an ``nn.MultiheadAttention`` whose projections are
   covered: its in- and out-projections run here as ``F.linear`` calls that are recorded, and the
   attention core runs in PyTorch's function with identity projections (exact: ``x I = x``). Inside
@@ -60,7 +60,15 @@ class UseRecorder(TorchFunctionMode):
         # axis of its own (positions [1, T] shared by the batch) is broadcast to it.
         self.batch_size: int | None = None
 
-    def record(self, spec: LayerSpec, x: Tensor, y: Tensor, rows=None) -> None:
+    def record(self, spec: LayerSpec, x: Tensor, y: Tensor, rows=None, embedding=False) -> None:
+        if spec.embedding != embedding:
+            raise ValueError(
+                f"layer {spec.name!r}: its weight is used both as an embedding table "
+                "(F.embedding) and as a linear map's weight (e.g. a language-model head calling "
+                "F.linear(h, embedding.weight)): the two orientations share no Kronecker "
+                "factors. Give it a diagonal block: embeddings='diag' (or leave it out of "
+                "modules=[...])"
+            )
         spec.inputs.append(rows3(x).detach())
         spec.outputs.append(y)
         spec.rows.append(rows)
@@ -89,7 +97,9 @@ class UseRecorder(TorchFunctionMode):
                 return y
         elif func is F.embedding:
             spec = self.by_weight.get(id(args[1] if len(args) > 1 else kwargs.get("weight")))
-            if spec is not None:
+            if spec is not None and not spec.embedding:
+                self.record(spec, args[0], args[1], embedding=True)  # refused: mixed uses
+            if spec is not None and spec.embedding:
                 idx = _check_embedding_call(spec, _EMBEDDING_SIGNATURE.bind(*args, **kwargs))
                 y = func(*args, **kwargs)
                 N = self.batch_size
@@ -97,7 +107,7 @@ class UseRecorder(TorchFunctionMode):
                     # Shared by the batch: its per-datum output-gradients are those of the
                     # broadcast copy (exact: later ops broadcast [1, ...] against [N, ...]).
                     idx, y = idx.expand(N, *idx.shape[1:]), y.expand(N, *y.shape[1:])
-                self.record(spec, idx.unsqueeze(-1), y)
+                self.record(spec, idx.unsqueeze(-1), y, embedding=True)
                 return y
         elif func is F.multi_head_attention_forward:
             bound = _MHA_SIGNATURE.bind(*args, **kwargs)
@@ -163,8 +173,8 @@ def _check_embedding_call(spec: LayerSpec, bound: inspect.BoundArguments) -> Ten
     pad, V = a.get("padding_idx"), spec.weight.shape[0]
     if pad is not None and pad < 0:
         pad += V
-    if a.get("max_norm") is not None or a.get("scale_grad_by_freq") or a.get("sparse"):
-        what = "max_norm, scale_grad_by_freq or sparse"
+    if a.get("max_norm") is not None or a.get("scale_grad_by_freq"):
+        what = "max_norm or scale_grad_by_freq"
     elif pad != spec.padding_idx:
         what = f"padding_idx={pad} (the module has {spec.padding_idx})"
     else:
@@ -192,16 +202,10 @@ def check_uses(specs: list[LayerSpec], grads: list[Tensor], inputs: list[Tensor]
         others = _use_gradients(spec, g[:, 1:], a[1:])
         trues = [t for t, has in ((gw, spec.has_weight), (gb, spec.has_bias)) if has]
         for m, other, true in zip(mine, others, trues, strict=True):
+            if true is not None and true.is_sparse:  # nn.Embedding(sparse=True)
+                true = true.to_dense()
             true = torch.zeros_like(m) if true is None else true.reshape(m.shape)
             scale = true.abs().max().clamp_min(m.abs().max()).clamp_min(1e-30)
-            if (m - true).abs().max() > 1e-4 * scale:
-                raise ValueError(
-                    f"layer {spec.name!r}: its weight is used outside the linear maps the "
-                    "capture records (F.linear, addmm / matmul, F.embedding, attention's "
-                    "projections), so its Kronecker block would be wrong. Give it a diagonal "
-                    "block by leaving it out of modules=[...] (an nn.Embedding: "
-                    "embeddings='diag'), or report the use"
-                )
             if other.numel() and other.abs().max() > 1e-4 * scale:
                 raise ValueError(
                     f"layer {spec.name!r}: the gradient of one data point reaches positions "
@@ -210,6 +214,14 @@ def check_uses(specs: list[LayerSpec], grads: list[Tensor], inputs: list[Tensor]
                     "gradients cannot be separated. Give its inputs a batch axis ([1, T] is "
                     "broadcast exactly for an nn.Embedding), or give it a diagonal block "
                     "(embeddings='diag', or leave it out of modules=[...])"
+                )
+            if (m - true).abs().max() > 1e-4 * scale:
+                raise ValueError(
+                    f"layer {spec.name!r}: its weight is used outside the linear maps the "
+                    "capture records (F.linear, addmm / matmul, F.embedding, attention's "
+                    "projections), so its Kronecker block would be wrong. Give it a diagonal "
+                    "block by leaving it out of modules=[...] (an nn.Embedding: "
+                    "embeddings='diag'), or report the use"
                 )
 
 
