@@ -38,7 +38,6 @@ import torch
 from torch import Tensor, nn
 
 from ..kron import KronBlock
-from .embedding import add_counts, token_mask, token_sq_sums
 from .batches import (
     FitBatch,
     fit_batch_size,
@@ -50,6 +49,7 @@ from .batches import (
 )
 from .capture import Capture, LayerSpec, Workspace, native_to_weight_order
 from .diagonal import DiagonalGradients, example_cotangents
+from .embedding import add_counts, token_mask, token_sq_sums
 from .gram import gram_lower_, mirror_, per_example_sq
 from .likelihoods import (
     iter_output_gradient_vectors,
