@@ -15,6 +15,7 @@ from torch.func import functional_call, jacrev
 
 import laplace_kron as lk
 from laplace_kron.curvature import CurvatureFitter
+from laplace_kron.glm_joint import joint_covariance
 from laplace_kron.kron import DiagBlock, KronBlock
 
 DEFAULT_DTYPE = torch.float64  # applied per test by conftest.py
@@ -172,6 +173,9 @@ def test_glm_evidence_sampling_match_dense(tmp_path):
     for kw in ({}, {"chunk_size": 40}):
         torch.testing.assert_close(lk.predictive.functional_covariance(la, x, **kw), ref)
     torch.testing.assert_close(lk.predictive.functional_variance(la, x), ref.diagonal(0, 1, 2))
+    _, joint = joint_covariance(la, x, chunk_size=200)  # across inputs
+    Jf = J.reshape(-1, J.shape[-1])
+    torch.testing.assert_close(joint, Jf @ Sig @ Jf.T)
     Lam = la.posterior_precision.to_dense()
     torch.testing.assert_close(Lam @ Sig, torch.eye(la.n_params), atol=1e-9, rtol=0)
     dvec = torch.cat([d.expand(b.n_params) for b, d in zip(la.curvature.blocks, la.block_deltas())])
