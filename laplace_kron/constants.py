@@ -12,6 +12,7 @@ __all__ = [
     "CHECKPOINT_FORMAT",
     "DEFAULT_CHECKPOINT_EVERY",
     "DEFAULT_CHUNK",
+    "EMBEDDING_BLOCKS",
     "FILE_FORMATS",
     "FISHER_TYPES",
     "LIKELIHOODS",
@@ -31,6 +32,8 @@ __all__ = [
 LIKELIHOODS = ("classification", "regression", "binary")
 FISHER_TYPES = ("exact", "mc", "empirical")
 WEIGHT_SHARING = ("expand", "reduce")
+# The block of an nn.Embedding weight: Kronecker with a diagonal input factor, or exact diagonal.
+EMBEDDING_BLOCKS = ("kron", "diag")
 # What KronLaplace fits, and what OnlineLaplace accumulates across tasks ("diag": EWC).
 POSTERIOR_CURVATURES = ("kfac", "ekfac")
 ONLINE_CURVATURES = ("kfac", "ekfac", "diag")

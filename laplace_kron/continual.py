@@ -203,6 +203,9 @@ class OnlineLaplace:
             separate_bias=self.separate_bias,
             modules=self.modules,
             generator=self.generator,
+            # The online precision sums dense Kronecker factors: embeddings keep their exact
+            # diagonal block (as the coverage above decided).
+            embeddings="diag",
             **self.batch_options,
         )
         if self.curvature_type == "diag":

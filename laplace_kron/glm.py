@@ -55,6 +55,7 @@ from .glm_blocks import (
     block_moments,
     block_root,
     diag_block_moments,
+    embedding_features,
     kind_pairs,
 )
 from .kron import DiagBlock, KronBlock
@@ -319,7 +320,7 @@ class GLMPass:
             stop = min(B, start + self.batch_size)
             b = stop - start
             xb = slice_inputs(self.x, start, stop, B)
-            with torch.enable_grad(), Capture(specs) as cap:
+            with torch.enable_grad(), Capture(specs, b) as cap:
                 f = checked_forward(self.la.model, xb, b)
                 self.tail = f.shape[1:]
                 f2 = f.reshape(b, -1)
@@ -340,6 +341,8 @@ class GLMPass:
 
     def _rotate(self, plan: _Plan, a: Tensor, g: Tensor | None) -> BlockFeatures:
         blk = plan.block
+        if self.specs[plan.layer].embedding:  # a: token indices
+            return embedding_features(self.specs[plan.layer], a, g, blk, self.linv(plan))
         QG = blk.eig_G.vectors.to(a.dtype)
         if blk.A is None:
             ahat = a.new_ones(a.shape[0], a.shape[1], 1)

@@ -22,12 +22,17 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .curvature.capture import LayerSpec
+from .curvature.embedding import token_mask, token_rank_one
+from .kron import KronBlock
+
 __all__ = [
     "KINDS",
     "BlockFeatures",
     "block_moments",
     "block_root",
     "diag_block_moments",
+    "embedding_features",
     "kind_pairs",
 ]
 
@@ -79,18 +84,35 @@ class BlockFeatures:
     ``ahat [b, T, d_in]`` (inputs times ``Q_A``; ones for a separate bias), ``ghat [C, b, T,
     d_out]`` (output-gradients times ``Q_G``) or, for a layer whose outputs are the network's
     outputs (``shared``), ``ghat [C, 1, 1, d_out] = Q_G`` itself (``g_k = e_k``, no backward
-    pass). ``linv [d_out, d_in] = 1 / (c lambda + delta)``.
+    pass). ``linv [d_out, d_in] = 1 / (c lambda + delta)``. ``rank_one``: the moments already
+    as rank-one terms ``(gh [b, C, r], w [b, r])`` (an embedding, whose inputs are token
+    indices: :func:`~laplace_kron.curvature.embedding.token_rank_one`), used instead of the rest.
     """
 
     ahat: Tensor
     ghat: Tensor
     linv: Tensor
     shared: bool
+    rank_one: tuple[Tensor, Tensor] | None = None
+
+
+def embedding_features(
+    spec: LayerSpec, idx: Tensor, g: Tensor, block: KronBlock, linv: Tensor
+) -> BlockFeatures:
+    """An embedding block's features from its token indices ``idx [b, T, 1]`` and
+    output-gradients ``g [C, b, T, D]`` (``block`` with ``G`` in the ``G`` slot): the padding
+    row has no Jacobian, so positions holding ``padding_idx`` are zeroed first."""
+    mask = token_mask(spec, idx)
+    g = g if mask is None else g * mask.to(g.dtype)[None, :, :, None]
+    ghat = g @ block.eig_G.vectors.to(g.dtype)
+    return BlockFeatures(idx, ghat, linv, False, token_rank_one(idx, ghat, linv))
 
 
 def _rank_one(feat: BlockFeatures) -> tuple[Tensor, Tensor] | None:
     """``(gh [b or 1, C, d_out], w [b, d_out])`` with ``(J Sigma J^T)_kk' = sum_i gh_ki gh_k'i
     w_i`` when every ``Jhat_k`` is rank one (``T = 1``, or a bias with input 1), else None."""
+    if feat.rank_one is not None:
+        return feat.rank_one
     ahat, ghat, linv = feat.ahat, feat.ghat, feat.linv
     if ghat.shape[2] == 1:
         return ghat[:, :, 0].transpose(0, 1), ahat[:, 0].square() @ linv.T

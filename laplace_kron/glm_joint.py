@@ -41,23 +41,41 @@ from .validation import positive_int
 __all__ = ["functional_samples", "joint_covariance"]
 
 
-def _gathered(feats: list[BlockFeatures]) -> tuple[Tensor, Tensor, bool]:
-    """A block's ``(gh, a)`` over all inputs: rank one ``gh [B or 1, C, d_out]``, ``a [B, d_in]``
-    (``a = 1`` for a bias with ``T > 1``), or ``Jhat`` ingredients ``ghat [C, B, T, d_out]``,
-    ``ahat [B, T, d_in]`` (``rank_one`` False)."""
+def _gathered(feats: list[BlockFeatures]) -> tuple[Tensor, Tensor, bool, Tensor]:
+    """A block's ``(gh, a, rank_one, linv)`` over all inputs: rank one ``gh [B or 1, C, d_out]``,
+    ``a [B, d_in]`` (``a = 1`` for a bias with ``T > 1``), or ``Jhat`` ingredients ``ghat [C, B,
+    T, d_out]``, ``ahat [B, T, d_in]`` (``rank_one`` False)."""
     f0 = feats[0]
+    if f0.rank_one is not None:  # an embedding: ahat holds token indices
+        return _embedding_gathered(feats)
     ahat = torch.cat([f.ahat for f in feats])
     if f0.shared:
         if ahat.shape[1] != 1:
             raise RuntimeError("a shared (network-output) layer must see one position per input")
-        return f0.ghat[:, :, 0].transpose(0, 1), ahat[:, 0], True
+        return f0.ghat[:, :, 0].transpose(0, 1), ahat[:, 0], True, f0.linv
     ghat = torch.cat([f.ghat for f in feats], dim=1)
     if ghat.shape[2] == 1:
-        return ghat[:, :, 0].transpose(0, 1), ahat[:, 0], True
+        return ghat[:, :, 0].transpose(0, 1), ahat[:, 0], True, f0.linv
     if ahat.shape[-1] == 1:  # bias: Jhat_k = sum_t ghat_{k,t}
         gh = torch.einsum("cbti,bt->bci", ghat, ahat[..., 0])
-        return gh, ahat.new_ones(gh.shape[0], 1), True
-    return ghat, ahat, False
+        return gh, ahat.new_ones(gh.shape[0], 1), True, f0.linv
+    return ghat, ahat, False, f0.linv
+
+
+def _embedding_gathered(feats: list[BlockFeatures]) -> tuple[Tensor, Tensor, bool, Tensor]:
+    """An embedding block over all inputs, restricted to the ``U`` tokens they hold: ``Jhat``
+    columns per token ``[C, B, U, d_out]`` (output-gradients summed over the positions holding
+    it) with one-hot inputs ``I_U`` and ``linv [d_out, U]`` (nothing of size ``V``)."""
+    idx = torch.cat([f.ahat for f in feats])[..., 0]  # [B, T]
+    ghat = torch.cat([f.ghat for f in feats], dim=1)  # [C, B, T, D]
+    uniq, inv = torch.unique(idx, return_inverse=True)
+    C, B, T, D = ghat.shape
+    U = uniq.numel()
+    cols = ghat.new_zeros(C, B, U, D).scatter_add_(
+        2, inv[None, :, :, None].expand(C, B, T, D), ghat
+    )
+    eye = torch.eye(U, dtype=ghat.dtype, device=ghat.device).expand(B, U, U)
+    return cols, eye, False, feats[0].linv[:, uniq]
 
 
 def _tiles(B: int, per_input: int, chunk_size: int) -> list[tuple[int, int]]:
@@ -117,8 +135,8 @@ def joint_covariance(
     with torch.no_grad():
         for p in range(len(run.plans)):
             feats = [c.blocks[p] for c in chunks]
-            gh, a, rank_one = _gathered(feats)
-            _block_joint(out, gh, a, rank_one, feats[0].linv, chunk_size)
+            gh, a, rank_one, linv = _gathered(feats)
+            _block_joint(out, gh, a, rank_one, linv, chunk_size)
         for i, (si, parts_i) in enumerate(diag):
             for sj, parts_j in diag[i:]:
                 for (Ji, w), (Jj, _) in zip(parts_i, parts_j, strict=True):

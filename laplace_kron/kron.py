@@ -19,18 +19,31 @@ row-major flatten (PyTorch's ``W.flatten()``), so that ``(G (x) A) vec(V) = vec(
 A block maps to one or more model parameters: a weight reshaped to ``[d_out, d_in]`` (a conv weight
 ``[out, in, *k]`` to ``[out, in * prod(k)]``), optionally with its bias appended as an extra input
 column (the augmented weight ``[W | b]``), or a bias alone (one factor: ``A = [[1]]``).
+A factor may be diagonal, given as the 1-d tensor of its diagonal (an ``nn.Embedding``'s token
+counts, :mod:`~laplace_kron.factors`): its eigenvectors are the identity and are never formed.
 Only ``to_dense()`` ever forms a ``P x P`` matrix.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from .diagblock import BlockOps, DiagBlock
+from .factors import (
+    Eigen,
+    dense_factor,
+    eigvec_dense,
+    factor_trace,
+    left_mul,
+    right_mul,
+    rotate,
+    symeig,
+    unrotate,
+)
 from .spectrum import Spectrum
 
 __all__ = [
@@ -44,67 +57,15 @@ __all__ = [
     "symeig",
 ]
 
-# Relative size below which an eigenvalue is treated as round-off and clamped to zero.
-_EIG_CLAMP = 1e-12
-
-
-@dataclass
-class Eigen:
-    """Eigendecomposition ``M = vectors @ diag(values) @ vectors.T`` of a symmetric PSD factor."""
-
-    values: Tensor  # [d]
-    vectors: Tensor  # [d, d]
-
-
-def symeig(factor: Tensor) -> Eigen:
-    """Eigendecomposition of a symmetric PSD matrix, computed in float64 and clamped to be PSD.
-
-    Float32 factors of wide layers are often ill-conditioned; a float64 ``eigh`` keeps the small
-    eigenvalues (which dominate the inverse) accurate. Negative round-off eigenvalues are clamped to
-    zero, so damping by ``delta > 0`` always yields a positive-definite block.
-
-    Rows with a zero diagonal are exactly zero (the factors are sums of outer products, so
-    ``M_ii = sum_n x_ni^2 = 0`` forces ``x_ni = 0``): dead ReLU units and never-active inputs.
-    They contribute eigenvalue 0 with a unit eigenvector each, and only the rest is passed to
-    ``eigh`` (on the benchmark's wide net 41% of the rows of the largest factors: ``eigh`` about
-    4x cheaper).
-    """
-    if not torch.isfinite(factor).all():
-        raise ValueError("factor contains NaN or Inf; cannot eigendecompose it")
-    # eigh reads the lower triangle only: the factors are symmetric up to round-off, and their
-    # accumulation (kfac.py) completes them by mirroring that triangle.
-    f64 = factor.detach().to(torch.float64)
-    live = f64.diagonal() != 0
-    n = f64.shape[0]
-    n_live = int(live.sum())
-    # A zero diagonal entry of a PSD matrix forces a zero row; anything else is not PSD, and then
-    # the whole matrix goes to eigh (which reports its negative eigenvalues, clamped below).
-    if n_live < n and bool(f64[~live].any()):
-        n_live = n
-    if n_live == n:
-        values, vectors = torch.linalg.eigh(f64)
-    else:
-        idx = live.nonzero().squeeze(1)
-        dead = (~live).nonzero().squeeze(1)
-        sub_values, sub_vectors = torch.linalg.eigh(f64.index_select(0, idx).index_select(1, idx))
-        n_dead = n - n_live
-        values = torch.cat([sub_values.new_zeros(n_dead), sub_values])
-        vectors = f64.new_zeros(n, n)
-        vectors[dead, torch.arange(n_dead, device=f64.device)] = 1.0
-        vectors[idx, n_dead:] = sub_vectors
-    tol = _EIG_CLAMP * values.abs().max().clamp_min(1e-300)
-    values = torch.where(values < tol, torch.zeros_like(values), values)
-    # One memory layout for every eigenbasis (torch.kron fails on mixed row/column-major inputs).
-    return Eigen(values.to(factor.dtype), vectors.to(factor.dtype).contiguous())
-
 
 @dataclass
 class KronBlock(BlockOps):
     """One curvature block ``G (x) A`` (or ``G`` alone for a bias), optionally EKFAC-corrected.
 
     Args:
-        G: output-side factor ``[d_out, d_out]``.
-        A: input-side factor ``[d_in, d_in]`` or ``None`` for a bias-only block (``d_in = 1``).
+        G: output-side factor ``[d_out, d_out]`` (or its diagonal ``[d_out]``).
+        A: input-side factor ``[d_in, d_in]`` (or its diagonal ``[d_in]``), or ``None`` for a
+            bias-only block (``d_in = 1``).
         param_names: names of the parameters the block covers, e.g. ``["fc.weight", "fc.bias"]``.
         param_shapes: their shapes.
         bias_joint: whether the last parameter is a bias stored as the last input column.
@@ -123,10 +84,12 @@ class KronBlock(BlockOps):
 
     def __post_init__(self) -> None:
         self.param_shapes = [torch.Size(s) for s in self.param_shapes]
-        if self.G.ndim != 2 or self.G.shape[0] != self.G.shape[1]:
-            raise ValueError(f"G must be square, got shape {tuple(self.G.shape)}")
-        if self.A is not None and (self.A.ndim != 2 or self.A.shape[0] != self.A.shape[1]):
-            raise ValueError(f"A must be square, got shape {tuple(self.A.shape)}")
+        for name, fac in (("G", self.G), ("A", self.A)):
+            if fac is not None and not _factor_shape(fac):
+                raise ValueError(
+                    f"{name} must be square (or the 1-d diagonal of a diagonal factor), got shape "
+                    f"{tuple(fac.shape)}"
+                )
         if self.n_params != sum(s.numel() for s in self.param_shapes):
             raise ValueError(
                 f"block {self.param_names}: factor sizes {self.d_out} x {self.d_in} do not match "
@@ -242,23 +205,22 @@ class KronBlock(BlockOps):
         lam = self.damped_eigvals(scale, delta)
         if fn is not None:
             lam = fn(lam)
-        rot = QG.T @ mat @ QA
-        return QG @ (lam * rot) @ QA.T
+        return unrotate(QG, lam * rotate(QG, mat, QA), QA)
 
     def matvec(
         self, mat: Tensor, scale: Tensor | float = 1.0, delta: Tensor | float = 0.0
     ) -> Tensor:
         """``(scale * K + delta I) vec(mat)`` in matrix form. KFAC uses the factors directly."""
         if self.eigenvalues is None:
-            out = mat if self.A is None else mat @ self.A
-            return scale * (self.G @ out) + delta * mat
+            out = mat if self.A is None else right_mul(mat, self.A)
+            return scale * left_mul(self.G, out) + delta * mat
         return self.apply_fn(mat, None, scale, delta)
 
     def trace(self, scale: Tensor | float = 1.0, delta: Tensor | float = 0.0) -> Tensor:
         """``tr(scale * K + delta I)``."""
         if self.eigenvalues is None:
-            tr_a = torch.ones((), dtype=self.dtype) if self.A is None else self.A.diagonal().sum()
-            return scale * self.G.diagonal().sum() * tr_a + delta * self.n_params
+            tr_a = torch.ones((), dtype=self.dtype) if self.A is None else factor_trace(self.A)
+            return scale * factor_trace(self.G) * tr_a + delta * self.n_params
         return (scale * self.eigenvalues + delta).sum()
 
     def param_permutation(self) -> Tensor:
@@ -275,10 +237,10 @@ class KronBlock(BlockOps):
         """Dense ``f(scale * K + delta I)`` ``[P_block, P_block]`` in parameter order (tests only)."""
         if fn is None and self.eigenvalues is None:
             A = torch.ones(1, 1, dtype=self.dtype, device=self.device) if self.A is None else self.A
-            kron = scale * torch.kron(self.G, A)
+            kron = scale * torch.kron(dense_factor(self.G), dense_factor(A))
             kron = kron + delta * torch.eye(self.n_params, dtype=self.dtype, device=self.device)
         else:
-            Q = torch.kron(self.eig_G.vectors, self.eig_A.vectors)
+            Q = torch.kron(eigvec_dense(self.eig_G, self.G), eigvec_dense(self.eig_A, self.G))
             lam = self.damped_eigvals(scale, delta).flatten()
             if fn is not None:
                 lam = fn(lam)
@@ -300,6 +262,11 @@ class KronBlock(BlockOps):
             self._eig_G,
             self._eig_A,
         )
+
+
+def _factor_shape(fac: Tensor) -> bool:
+    """A square matrix, or a 1-d diagonal."""
+    return fac.ndim == 1 or (fac.ndim == 2 and fac.shape[0] == fac.shape[1])
 
 
 # A curvature block: Kronecker-factored, or diagonal (:mod:`~laplace_kron.diagblock`) for a
@@ -459,11 +426,15 @@ class KronCurvature:
         )
 
 
-def add_curvatures(old: KronCurvature, new: KronCurvature) -> KronCurvature:
+def add_curvatures(
+    old: KronCurvature, new: KronCurvature, swapped: Collection[str] = ()
+) -> KronCurvature:
     """The KFAC curvature of the union of two data sets from the curvatures of each: ``G`` and
     diagonal values add, ``A = (N_1 A_1 + N_2 A_2) / (N_1 + N_2)`` (a mean over data), losses
-    and counts add. Both must have the same blocks; EKFAC is refused (its eigenvalue
-    corrections live in a basis that changes with the data: fit it on all data at once)."""
+    and counts add. ``swapped``: names of weights stored ``[d_in, d_out]`` whose blocks hold the
+    input factor in the ``G`` slot (:meth:`LayerSpec.standard_block`). Both must have the same
+    blocks; EKFAC is refused (its eigenvalue corrections live in a basis that changes with the
+    data: fit it on all data at once)."""
     if "ekfac" in (old.kind, new.kind):
         raise ValueError(
             "EKFAC curvatures cannot be accumulated over separate fits (the eigenbasis changes "
@@ -475,13 +446,20 @@ def add_curvatures(old: KronCurvature, new: KronCurvature) -> KronCurvature:
     if (old.likelihood, old.fisher) != (new.likelihood, new.fisher):
         raise ValueError("the curvatures differ in likelihood or Fisher type")
     n1, n2 = old.num_data, new.num_data
+
+    def mean(f1: Tensor | None, f2: Tensor | None) -> Tensor | None:
+        return None if f1 is None else (n1 * f1 + n2 * f2) / (n1 + n2)
+
     blocks: list[Block] = []
     for b1, b2 in zip(old.blocks, new.blocks, strict=True):
         if isinstance(b1, DiagBlock):
             blocks.append(DiagBlock(b1.values + b2.values, b1.param_names, b1.param_shapes))
             continue
-        A = None if b1.A is None else (n1 * b1.A + n2 * b2.A) / (n1 + n2)
-        blocks.append(KronBlock(b1.G + b2.G, A, b1.param_names, b1.param_shapes, b1.bias_joint))
+        if b1.param_names[0] in swapped and b1.A is not None:
+            G, A = mean(b1.G, b2.G), b1.A + b2.A
+        else:
+            G, A = b1.G + b2.G, mean(b1.A, b2.A)
+        blocks.append(KronBlock(G, A, b1.param_names, b1.param_shapes, b1.bias_joint))
     return KronCurvature(
         blocks,
         list(old.param_names),

@@ -190,7 +190,8 @@ class KronPosterior:
                     "accumulated curvature mixes two linearisation points",
                     stacklevel=2,
                 )
-            curv = add_curvatures(self.curvature, curv)
+            swapped = {s.weight_name for s in self.specs if s.transposed and s.has_weight}
+            curv = add_curvatures(self.curvature, curv, swapped)
         if self.prior_precision.ndim == 1 and self.prior_precision.shape != (len(curv.blocks),):
             raise ValueError(
                 f"prior_precision has {self.prior_precision.numel()} values but the fitted "

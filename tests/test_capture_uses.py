@@ -217,8 +217,9 @@ def test_online_laplace_with_use_blocks():
 
 def test_gpt2_one_token_conv1d_blocks_exact():
     """A tiny GPT-2, one sequence of one token, exact Fisher: every Conv1D block (attention's
-    c_attn / c_proj, the MLP's c_fc / c_proj) is a Kronecker block equal to the exact GGN block;
-    the tied wte / lm_head weight (mixed orientation) stays diagonal."""
+    c_attn / c_proj, the MLP's c_fc / c_proj) and the position embedding wpe (a diagonal input
+    factor) is a Kronecker block equal to the exact GGN block; the tied wte / lm_head weight
+    (mixed orientation) stays diagonal."""
     transformers = pytest.importorskip("transformers")
     from torch.func import functional_call, jacrev
 
@@ -243,7 +244,7 @@ def test_gpt2_one_token_conv1d_blocks_exact():
             f"transformer.h.0.{m}.{p}"
             for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
             for p in ("weight", "bias")
-        }
+        } | {"transformer.wpe.weight"}
         for b in kron:
             jac = jacrev(logits)({n: params[n] for n in b.param_names})
             J = torch.cat([jac[n].reshape(11, -1) for n in b.param_names], 1)

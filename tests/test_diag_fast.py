@@ -11,7 +11,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 import laplace_kron as lk
-from laplace_kron.curvature import accumulate
+from laplace_kron.curvature import diag_sums
 from laplace_kron.curvature.diagonal import DiagonalGradients
 from laplace_kron.kron import DiagBlock
 
@@ -33,7 +33,7 @@ def no_vmap(monkeypatch):
 
 
 def _vmap_only(monkeypatch):
-    monkeypatch.setattr(accumulate.FactorAccumulator, "_fast_names", lambda *a: [])
+    monkeypatch.setattr(diag_sums.DiagonalSums, "fast_names", lambda *a: [])
 
 
 def test_exact_diagonals_without_the_vmapped_pass(no_vmap):
@@ -56,12 +56,14 @@ class RMSNet(nn.Module):
         self.pos = nn.Embedding(T, D)
         self.norm = nn.RMSNorm(D)
         self.mix = nn.Linear(D, D)
+        self.head = nn.Linear(D, V, bias=False)
+        self.head.weight = self.emb.weight  # tied as Hugging Face ties them
         self.out_bias = nn.Parameter(torch.randn(V) * 0.1)
 
     def forward(self, ids):
         h = self.emb(ids) + self.pos(torch.arange(ids.shape[1]).unsqueeze(0))
         h = torch.tanh(self.mix(self.norm(h)))
-        return nn.functional.linear(h, self.emb.weight, self.out_bias)  # [B, T, V]
+        return self.head(h) + self.out_bias  # [B, T, V]
 
 
 def _seq_data(n=6, T=5, V=9, seed=2):
@@ -75,9 +77,9 @@ def test_sequence_empirical_fisher_equals_per_example_gradients(no_vmap):
     torch.manual_seed(0)
     model = RMSNet().eval()
     ids, y = _seq_data()
-    curv = lk.kfac(
-        model, [(ids[:3], y[:3]), (ids[3:], y[3:])], "classification", fisher="empirical"
-    )
+    data = [(ids[:3], y[:3]), (ids[3:], y[3:])]
+    # embeddings="diag": the position table, looked up with [1, T] ids, gets a diagonal block too
+    curv = lk.kfac(model, data, "classification", fisher="empirical", embeddings="diag")
     d = _diag(curv)
     names = ["emb.weight", "pos.weight", "norm.weight", "out_bias"]
     assert sorted(d) == sorted(names)

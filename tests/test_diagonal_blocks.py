@@ -48,9 +48,8 @@ class Net(nn.Module):
         return self.head(torch.tanh(self.fc(h)))
 
 
-DIAG = [
+DIAG = [  # emb.weight gets a Kronecker block with a diagonal input factor (test_embedding.py)
     "pos",
-    "emb.weight",
     "norm.weight",
     "norm.bias",
     "scale.gain",
@@ -97,7 +96,7 @@ def test_coverage_and_exact_diagonals():
     # projections see T = 3 positions: tests/test_capture_uses.py checks them with one)
     one = lk.kfac(model, [(x[:1], y[:1])], "classification", fisher="exact")
     for b in one.blocks:
-        if isinstance(b, KronBlock) and not b.param_names[0].startswith("attn."):
+        if isinstance(b, KronBlock) and not b.param_names[0].startswith(("attn.", "emb.")):
             H = exact_ggn(model, x[:1], b.param_names, "classification")
             torch.testing.assert_close(b.to_dense(), H, rtol=1e-10, atol=1e-13)
     # EKFAC keeps the diagonal blocks (already exact per coordinate)
@@ -133,12 +132,16 @@ def test_out_proj_listed_explicitly():
     assert all(isinstance(b, KronBlock) for b in curv.blocks)
 
 
-@pytest.fixture(scope="module")
-def fitted():
+@pytest.fixture(scope="module", params=["kron", "diag"])
+def fitted(request):
+    """The embedding as a Kronecker block with a diagonal factor, and as a diagonal block."""
     torch.set_default_dtype(torch.float64)
     model = _model()
     x, y = _data()
-    la = lk.KronLaplace(model, "classification", fisher="exact").fit([(x, y)])
+    kw = {"fisher": "exact", "embeddings": request.param}
+    la = lk.KronLaplace(model, "classification", **kw).fit([(x, y)])
+    emb = next(b for b in la.curvature.blocks if b.param_names == ["emb.weight"])
+    assert isinstance(emb, KronBlock if request.param == "kron" else DiagBlock)
     la.prior_precision = torch.linspace(0.5, 2.0, la.n_blocks, dtype=torch.float64)
     return la, x
 
@@ -205,9 +208,10 @@ def test_online_laplace_penalty_dense():
     model = _model()
     x, y = _data()
     ol = lk.OnlineLaplace(model, "classification", curvature="kfac", fisher="exact", decay=0.5)
-    assert sorted(ol.diag_names) == sorted(DIAG)
+    assert sorted(ol.diag_names) == sorted([*DIAG, "emb.weight"])
     ol.consolidate([(x, y)])
-    curv = lk.kfac(model, [(x, y)], "classification", fisher="exact")
+    # OnlineLaplace keeps an embedding's exact diagonal block
+    curv = lk.kfac(model, [(x, y)], "classification", fisher="exact", embeddings="diag")
     ol.consolidate([(x, y)])
     Lam = 1.5 * curv.to_dense() + ol.prior_precision * torch.eye(curv.n_params)
     torch.testing.assert_close(ol.to_dense(), Lam)

@@ -56,6 +56,16 @@ def _cnn_problem():
     return model, x, y
 
 
+def _emb_problem():
+    """An embedding (padding_idx 0) gets a Kronecker block with a diagonal factor [V]."""
+    torch.manual_seed(2)
+    model = torch.nn.Sequential(
+        torch.nn.Embedding(11, 3, padding_idx=0), torch.nn.Flatten(), torch.nn.Linear(12, 3)
+    ).eval()
+    g = torch.Generator().manual_seed(3)
+    return model, torch.randint(0, 11, (N, 4), generator=g), torch.randint(0, 3, (N,), generator=g)
+
+
 def _batches(x, y, size):
     return [(x[i : i + size], y[i : i + size]) for i in range(0, len(x), size)]
 
@@ -125,6 +135,14 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
             lk.ekfac(
                 cnn, loader, "regression", "exact", weight_sharing="reduce", separate_bias=True
             )
+        )
+        emb, xe, ye = _emb_problem()
+        for kind in ("kfac", "ekfac"):
+            res[f"emb_{kind}"] = _summary(
+                getattr(lk, kind)(emb, _shard(xe, ye, rank), "classification", "exact")
+            )
+        res["emb_ekfac_empty_rank"] = _summary(
+            lk.ekfac(emb, _batches(xe, ye, 7) if rank == 0 else [], "classification", "exact")
         )
         # rank 1 has no data at all
         empty = _batches(x, y, 7) if rank == 0 else []
@@ -293,6 +311,13 @@ def test_two_ranks_equal_one_process(ranks):
             errs[f"cnn_{kind}_r{r}"] = _check(res[f"cnn_{kind}"], ref_c)
     ref = lk.ekfac(cnn, full_c, "regression", "exact", weight_sharing="reduce", separate_bias=True)
     ref_e = lk.ekfac(model, full, "classification", "exact")
+    emb, xe, ye = _emb_problem()
+    for kind in ("kfac", "ekfac"):
+        ref_emb = getattr(lk, kind)(emb, _batches(xe, ye, 8), "classification", "exact")
+        for r, res in enumerate(ranks):
+            errs[f"emb_{kind}_r{r}"] = _check(res[f"emb_{kind}"], ref_emb)
+            if kind == "ekfac":
+                errs[f"emb_empty_rank_r{r}"] = _check(res["emb_ekfac_empty_rank"], ref_emb)
     for r, res in enumerate(ranks):
         errs[f"cnn_ekfac_reduce_sep_r{r}"] = _check(res["cnn_ekfac_reduce_sep"], ref)
         errs[f"mlp_ekfac_empty_rank_r{r}"] = _check(res["mlp_ekfac_empty_rank"], ref_e)

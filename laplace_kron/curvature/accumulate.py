@@ -39,10 +39,17 @@ import torch
 from torch import Tensor, nn
 
 from ..kron import KronBlock
-from .batches import FitBatch, forward_batch, group_by_datum, is_empty, mask_padding, to_device
+from .batches import (
+    FitBatch,
+    fit_batch_size,
+    forward_batch,
+    group_by_datum,
+    is_empty,
+    mask_padding,
+)
 from .capture import Capture, LayerSpec, Workspace, native_to_weight_order
-from .diag_uses import FastDiagonal
-from .diagonal import DiagonalGradients, example_cotangents, slice_examples
+from .diag_sums import DiagonalSums
+from .embedding import add_counts, token_mask, token_sq_sums
 from .gram import gram_lower_, mirror_, per_example_sq
 from .likelihoods import (
     iter_output_gradient_vectors,
@@ -78,15 +85,8 @@ class FactorAccumulator:
         self._orders = [input_order(s, state.device) for s in specs]
         self._work = Workspace()
         self._uses_checked = False
-        # Diagonal blocks: per-example gradients from the same output-gradient vectors, from
-        # the fit's backward pass where every use is recognised (FastDiagonal, verified on the
-        # first batch), else by a vmapped per-example pass (DiagonalGradients).
-        self._vmapped: dict[tuple[str, ...], DiagonalGradients] = {}
-        self._fast = None
-        self._fast_checked = False
-        if state.diag:
-            named = dict(model.named_parameters())
-            self._fast = FastDiagonal({n: named[n] for n in state.diag})
+        # Diagonal blocks: per-example gradients from the same output-gradient vectors.
+        self._diag = DiagonalSums(model, list(state.diag), options) if state.diag else None
 
     def clear(self) -> None:
         """Free the scratch buffers."""
@@ -114,19 +114,21 @@ class FactorAccumulator:
         """Add one batch to the KFAC factors (first pass); an empty batch adds nothing."""
         if is_empty(y):
             return
-        recording = nullcontext() if self._fast is None else self._fast.rec
-        if self._fast is not None:
-            self._fast.begin()
-        with Capture(self.specs) as cap:
-            with recording:
+        with Capture(self.specs, _batch_size(x, y)) as cap:
+            with nullcontext() if self._diag is None else self._diag.recording():
                 b = self._forward(x, y, i)
             if not self._uses_checked:
                 self._check_uses(cap, b)
-            fast = self._fast_names(cap, b, x)
+            fast = [] if self._diag is None else self._diag.fast_names(cap, b, x)
             with torch.no_grad():
                 for li, spec in enumerate(self.specs):
-                    if spec.has_weight:
-                        self._add_A(li, self._inputs(cap, spec, b.num_data), b.positions)
+                    a = self._inputs(cap, spec, b.num_data) if spec.has_weight else None
+                    if spec.embedding:  # token indices: a diagonal factor of counts
+                        mask = token_mask(spec, a, b.positions)
+                        st = self.state
+                        st.A_sum[li] = add_counts(st.A_sum[li], a, mask, spec.d_in, st.dtype)
+                    elif spec.has_weight:
+                        self._add_A(li, a, b.positions)
             closed = self._closed_form_G(b)
             # One output-gradient vector at a time: G needs only sums over vectors.
             for grads in self._output_gradients(cap, b, x, fast):
@@ -145,6 +147,7 @@ class FactorAccumulator:
             return
         gen = torch.Generator(device=b.f.device).manual_seed(0)
         v = torch.randn(b.f.shape, generator=gen, dtype=b.f.dtype, device=b.f.device)
+        v[b.f.shape[0] // b.num_data :] = 0  # the first data point only: see check_uses
         wanted = [t for s in specs for t in (s.weight, s.bias) if t is not None and t.requires_grad]
         got = torch.autograd.grad(b.f, wanted, v, retain_graph=True, allow_unused=True)
         by_id = {id(t): g for t, g in zip(wanted, got, strict=True)}
@@ -186,21 +189,30 @@ class FactorAccumulator:
             b.f, b.y, self.likelihood, o.fisher, o.mc_samples, self.state.generator
         )
 
+        # Embeddings: positions at padding_idx are no data of the layer (no gradient reaches W).
+        tokens = [
+            token_mask(s, self._inputs(cap, s, b.num_data)) if s.embedding else None
+            for s in self.specs
+        ]
+
         def grouped(vectors: Tensor, retain: bool) -> Iterator[list[Tensor]]:
             if b.keep is not None:
                 vectors = vectors * b.keep
-            N = b.num_data
-            slow = [n for n in self.state.diag if n not in (fast or [])]
-            if x is not None and slow:
-                self._add_diag(cap, x, vectors, N, slow)
-            uses = self._fast.uses(N, fast) if x is not None and fast else []
+            N, diag = b.num_data, self._diag if x is not None else None
+            if diag is not None:
+                self.state.add_diag(diag.vmapped_sums(cap, x, vectors, N, exclude=fast or []))
+            uses = diag.fast.uses(N, fast) if diag is not None and fast else []
             extra = [u.output for u in uses] or None
             for grads in cap.iter_output_gradients(b.f, vectors, retain, extra):
                 if extra:
-                    self.state.add_diag(self._fast.squared_sums(uses, grads.pop(), N, fast))
-                yield [
+                    self.state.add_diag(diag.fast.squared_sums(uses, grads.pop(), N, fast))
+                out = [
                     mask_padding(group_by_datum(g, b.num_data, s.name, lead=1), b.positions)
                     for g, s in zip(grads, self.specs, strict=True)
+                ]
+                yield [
+                    g if m is None else g * m.to(g.dtype)[None, :, :, None]
+                    for g, m in zip(out, tokens, strict=True)
                 ]
 
         vectors = next(chunks)
@@ -208,64 +220,6 @@ class FactorAccumulator:
             yield from grouped(vectors, True)
             vectors = following
         yield from grouped(vectors, False)
-
-    def _vmapped_gradients(self, names: list[str]) -> DiagonalGradients:
-        key = tuple(names)
-        if key not in self._vmapped:
-            shift = self.options.shift_labels
-            self._vmapped[key] = DiagonalGradients(self.model, names, shift_labels=shift)
-        return self._vmapped[key]
-
-    def _add_diag(self, cap: Capture, x, vectors: Tensor, num_data: int, names: list[str]) -> None:
-        """``D_sum += sum_{n,k} grad_{n,k}^2`` of the diagonal-block parameters ``names`` for
-        vectors ``[K, M, C]`` over the ``M`` output rows, ``M / N`` rows per datum, by a
-        per-example pass."""
-        diag = self._vmapped_gradients(names)
-        diag.check_mode()
-        exact = self.options.fisher == "exact"
-        per_datum = example_cotangents(vectors.detach(), num_data, separate_rows=exact)
-        with cap.paused(), self._paused_fast():
-            sums = diag.squared_sums(to_device(x, self.state.device), per_datum)
-        self.state.add_diag(sums)
-
-    def _paused_fast(self):
-        rec = None if self._fast is None else self._fast.rec
-        return _Paused(rec)
-
-    def _fast_names(self, cap: Capture, b: FitBatch, x) -> list[str]:
-        """The diagonal-block parameters whose sums come from the fit's backward pass for this
-        batch: none for the exact Fisher with several output rows per datum (the exact GGN
-        diagonal needs each row's gradient separately); verified on the first batch."""
-        if self._fast is None:
-            return []
-        N = b.num_data
-        if self.options.fisher == "exact" and b.f.shape[0] > N:
-            return []
-        if not self._fast_checked:
-            self._fast_checked = True
-            self._verify_fast(cap, b, x)
-        ok = set(self._fast.candidates(N))
-        return [n for n in self._fast.names if n in ok]
-
-    def _verify_fast(self, cap: Capture, b: FitBatch, x) -> None:
-        """Check the recorded uses' per-example gradients against a batch-of-one pass (one
-        datum) and the batch gradient, for one random output vector; failures keep the vmapped path."""
-        gen = torch.Generator(device=b.f.device).manual_seed(1)
-        v = torch.randn(b.f.shape, generator=gen, dtype=b.f.dtype, device=b.f.device)
-        x = to_device(x, self.state.device)
-        cot = example_cotangents(v.unsqueeze(0), b.num_data, separate_rows=False)
-
-        def reference(names: list[str], lo: int, hi: int) -> dict[str, Tensor]:
-            shift = self.options.shift_labels
-            diag = DiagonalGradients(self.model, names, vectorize=False, shift_labels=shift)
-            parts: dict[str, list[Tensor]] = {n: [] for n in names}
-            with cap.paused(), self._paused_fast():
-                for _, grads in diag.per_example(slice_examples(x, lo, hi), cot[:, lo:hi]):
-                    for n, g in grads.items():
-                        parts[n].append(g[:, 0].detach())
-            return {n: torch.cat(p) for n, p in parts.items()}
-
-        self._fast.verify(b.f, v, b.num_data, reference)
 
     def _output_layers(self, f: Tensor) -> set[int]:
         """Layers whose output *is* the network output ``f``, when the exact Fisher makes their
@@ -276,7 +230,7 @@ class FactorAccumulator:
         return {
             li
             for li, spec in enumerate(self.specs)
-            if len(spec.outputs) == 1 and spec.outputs[0] is f
+            if len(spec.outputs) == 1 and spec.outputs[0] is f and not spec.embedding
         }
 
     def _closed_form_G(self, b: FitBatch) -> set[int]:
@@ -373,7 +327,7 @@ class FactorAccumulator:
     def _ekfac_sums(self, x, y, bases: list[list[KronBlock]], i: int) -> list[list[Tensor]]:
         """One batch's ``sum_{k,n} (Q_G^T (sum_t g a^T) Q_A)^2`` per block, ``bases`` with the
         output factor in ``G`` (:meth:`LayerSpec.standard_block`)."""
-        with Capture(self.specs) as cap:
+        with Capture(self.specs, _batch_size(x, y)) as cap:
             fb = self._forward(x, y, i)
             fc = fb.f
             with torch.no_grad():
@@ -384,6 +338,7 @@ class FactorAccumulator:
                         [self._rotate_inputs(li, j, a, b) for j, b in enumerate(bases[li])]
                     )
             corr: list[list[Tensor]] = [[0.0] * len(layer) for layer in bases]
+            spec_is_embedding = [s.embedding for s in self.specs]
             closed = self._output_layers(fc)
             with torch.no_grad():
                 for li in closed:  # one position per datum: E = sum_n diag(Q^T H_n Q) (x) r_n^2
@@ -400,7 +355,11 @@ class FactorAccumulator:
                         if li in closed:
                             continue
                         for j, b in enumerate(bases[li]):
-                            sq = per_example_sq(rotated[li][j], g @ b.eig_G.vectors)
+                            gr, r = g @ b.eig_G.vectors, rotated[li][j]
+                            if spec_is_embedding[li]:  # r: the token indices (Q_A = I)
+                                sq = token_sq_sums(r, gr, b.d_in)
+                            else:
+                                sq = per_example_sq(r, gr)
                             corr[li][j] = corr[li][j] + sq
         return corr
 
@@ -410,6 +369,8 @@ class FactorAccumulator:
         B, T, d = a.shape
         if block.A is None:  # a bias-only block sees the constant input 1 at every position
             return a.new_ones(B, T, 1)
+        if self.specs[li].embedding:  # token indices in the basis Q_A = I: unchanged
+            return a
         Q = block.eig_A.vectors
         idx = self._orders[li]
         if idx is not None:
@@ -423,6 +384,15 @@ class FactorAccumulator:
         return out
 
 
+def _batch_size(x, y) -> int | None:
+    """``N`` of a batch for the capture, ``None`` if the batch is malformed (the checked forward
+    then names the problem)."""
+    try:
+        return fit_batch_size(x, y)
+    except (ValueError, TypeError, AttributeError):
+        return None
+
+
 def input_order(spec: LayerSpec, device: torch.device) -> Tensor | None:
     """Native-to-weight column order of a layer's inputs, with the ones column of a joint bias
     (always last) appended; ``None`` when the orders coincide."""
@@ -432,18 +402,3 @@ def input_order(spec: LayerSpec, device: torch.device) -> Tensor | None:
     if spec.joint:
         idx = torch.cat([idx, idx.new_tensor([idx.numel()])])
     return idx.to(device)
-
-
-class _Paused:
-    """Context pausing a recorder (``None``: nothing)."""
-
-    def __init__(self, rec) -> None:
-        self.rec = rec
-
-    def __enter__(self) -> None:
-        if self.rec is not None:
-            self.rec.paused = True
-
-    def __exit__(self, *exc) -> None:
-        if self.rec is not None:
-            self.rec.paused = False

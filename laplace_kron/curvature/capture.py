@@ -231,12 +231,14 @@ def _cat1(parts: list[Tensor]) -> Tensor:
 class Capture:
     """Context manager recording inputs and outputs of the covered layers during a forward pass."""
 
-    def __init__(self, specs: Iterable[LayerSpec]):
+    def __init__(self, specs: Iterable[LayerSpec], batch_size: int | None = None):
         self.specs = list(specs)
         self._handles: list = []
         self._paused = False
         used = [s for s in self.specs if s.by_use]
         self._recorder = UseRecorder(used) if used else None
+        if self._recorder is not None:  # embeddings shared by the batch are broadcast to it
+            self._recorder.batch_size = batch_size
 
     def __enter__(self) -> Capture:
         self.clear()

@@ -82,7 +82,9 @@ class CurvatureFitter:
         self.model = model
         self.likelihood = likelihood
         self.options = options
-        coverage = select_coverage(model, options.modules, options.separate_bias)
+        coverage = select_coverage(
+            model, options.modules, options.separate_bias, embeddings=options.kron_embeddings
+        )
         self.specs: list[LayerSpec] = coverage.specs
         self.diag_names: list[str] = coverage.diag_names
         self._param_names = coverage.param_names

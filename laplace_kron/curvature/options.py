@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..constants import WEIGHT_SHARING
+from ..constants import EMBEDDING_BLOCKS, WEIGHT_SHARING
 from .likelihoods import check_fisher
 
 __all__ = ["CurvatureOptions"]
@@ -39,6 +39,9 @@ class CurvatureOptions:
             binary): they add nothing to the curvature, the log-likelihood or any count.
         shift_labels: align the outputs at position ``t`` with the targets at ``t + 1``
             (``f[:, :-1]`` with ``y[:, 1:]``), as a causal language model's loss does.
+        embeddings: the block of an ``nn.Embedding`` weight: ``"kron"`` (a Kronecker block
+            whose input factor is the diagonal of token counts; with ``weight_sharing="expand"``
+            only, else ``"diag"``) or ``"diag"`` (the exact GGN diagonal).
 
     See :mod:`laplace_kron.curvature.batches` for how batches, outputs, targets and padding
     (``attention_mask``) are read.
@@ -54,6 +57,7 @@ class CurvatureOptions:
     target_key: str = "labels"
     ignore_index: int = -100
     shift_labels: bool = False
+    embeddings: str = "kron"
 
     def __post_init__(self) -> None:
         check_fisher(self.fisher, self.mc_samples)
@@ -73,6 +77,16 @@ class CurvatureOptions:
             raise TypeError(f"ignore_index must be an int, got {self.ignore_index!r}")
         if not isinstance(self.shift_labels, bool):
             raise TypeError(f"shift_labels must be True or False, got {self.shift_labels!r}")
+        if self.embeddings not in EMBEDDING_BLOCKS:
+            raise ValueError(
+                f"embeddings must be one of {EMBEDDING_BLOCKS}, got {self.embeddings!r}"
+            )
+
+    @property
+    def kron_embeddings(self) -> bool:
+        """Whether ``nn.Embedding`` weights get Kronecker blocks: KFAC-reduce would make their
+        input factor a dense ``[V, V]`` matrix, so only with ``weight_sharing="expand"``."""
+        return self.embeddings == "kron" and self.weight_sharing == "expand"
 
     @classmethod
     def names(cls) -> tuple[str, ...]:

@@ -72,7 +72,7 @@ def share_bases(bases: list[list[KronBlock]], distributed: bool) -> None:
     tensors = []
     for layer in bases:
         for b in layer:
-            tensors += [b.eig_G.values, b.eig_G.vectors]
-            if b.A is not None:
-                tensors += [b.eig_A.values, b.eig_A.vectors]
+            eigens = [b.eig_G] if b.A is None else [b.eig_G, b.eig_A]
+            # A diagonal factor's eigenvectors are the identity (None): nothing to send.
+            tensors += [t for e in eigens for t in (e.values, e.vectors) if t is not None]
     dist_utils.broadcast_(tensors, src=0)

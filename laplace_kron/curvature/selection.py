@@ -13,7 +13,14 @@ from ..kron import KronBlock
 
 SUPPORTED_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
-__all__ = ["SUPPORTED_TYPES", "Coverage", "LayerSpec", "select_coverage", "select_layers"]
+__all__ = [
+    "SUPPORTED_TYPES",
+    "Coverage",
+    "LayerSpec",
+    "kron_embedding",
+    "select_coverage",
+    "select_layers",
+]
 
 
 @dataclass
@@ -33,8 +40,10 @@ class LayerSpec:
     inputs: list[Tensor] = field(default_factory=list, repr=False)
     outputs: list[Tensor] = field(default_factory=list, repr=False)
     # Captured by parameter use (curvature/uses.py) instead of module hooks: "linear"
-    # (``y = W a + b``, weight ``[d_out, d_in]``: F.linear) or "linear_t" (``y = a W + b``,
-    # weight ``[d_in, d_out]``: Hugging Face Conv1D through torch.addmm / matmul).
+    # (``y = W a + b``, weight ``[d_out, d_in]``: F.linear), "linear_t" (``y = a W + b``,
+    # weight ``[d_in, d_out]``: Hugging Face Conv1D through torch.addmm / matmul) or
+    # "embedding" (``y = W^T onehot(i)``, weight ``[V, D] = [d_in, d_out]``: F.embedding; its
+    # inputs are the token indices ``[B, T, 1]`` and its input factor is diagonal).
     kind: str = "module"
     weight: Tensor | None = field(default=None, repr=False)  # the parameter a use is found by
     bias: Tensor | None = field(default=None, repr=False)
@@ -55,7 +64,17 @@ class LayerSpec:
     def transposed(self) -> bool:
         """The weight is stored ``[d_in, d_out]`` (its Kronecker block is ``A (x) G`` in the
         parameter's own ``p.flatten()`` order: stored as ``KronBlock(G=A, A=G)``)."""
-        return self.kind == "linear_t"
+        return self.kind in ("linear_t", "embedding")
+
+    @property
+    def embedding(self) -> bool:
+        """An ``nn.Embedding`` weight: token-index inputs, diagonal input factor."""
+        return self.kind == "embedding"
+
+    @property
+    def padding_idx(self) -> int | None:
+        """The row of an embedding that receives no gradient (``None``: none)."""
+        return getattr(self.module, "padding_idx", None) if self.embedding else None
 
     @property
     def d_out(self) -> int:
@@ -153,6 +172,7 @@ def select_coverage(
     modules: None | str | Sequence[str | nn.Module] = None,
     separate_bias: bool = False,
     by_use: bool = True,
+    embeddings: bool = False,
 ) -> Coverage:
     """Resolve ``modules`` into Kronecker layers and diagonal-block parameters.
 
@@ -166,7 +186,9 @@ def select_coverage(
     ``by_use`` (the fit's default) adds Kronecker blocks for weights used functionally
     (:func:`_use_specs`: attention's projections, Hugging Face ``Conv1D``, weights tied between
     ``nn.Linear`` layers), captured by parameter use (:mod:`.uses`); ``False`` keeps module hooks
-    only (the optimizers' preconditioners).
+    only (the optimizers' preconditioners). ``embeddings`` (with ``by_use``) gives the weight of
+    an ``nn.Embedding`` (not tied, no ``max_norm``, no ``scale_grad_by_freq``) a
+    Kronecker block with a diagonal input factor instead of a diagonal block.
     """
     named = [(n, m) for n, m in model.named_modules()]
     with_params = [
@@ -233,7 +255,7 @@ def select_coverage(
             LayerSpec(n, m, w, b, joint=(w is not None and b is not None and not separate_bias))
         )
     if by_use:
-        specs += _use_specs(named, chosen, shared, functional, separate_bias)
+        specs += _use_specs(named, chosen, shared, functional, separate_bias, embeddings)
     kron_names = {x for s in specs for x in (s.weight_name, s.bias_name) if x}
     diag = {
         canonical[(f"{n}." if n else "") + pn]
@@ -280,6 +302,14 @@ def _is_hf_conv1d(m: nn.Module) -> bool:
     )
 
 
+def kron_embedding(m: nn.Module) -> bool:
+    """An ``nn.Embedding`` whose weight's gradient is ``sum_t g_t onehot(i_t)^T``: no
+    ``max_norm`` (renormalises the weight in the forward), no ``scale_grad_by_freq`` (rescales
+    the gradient by batch frequencies); ``sparse`` only changes the gradient's storage. Others
+    (and ``nn.EmbeddingBag``) keep the exact diagonal block."""
+    return isinstance(m, nn.Embedding) and m.max_norm is None and not m.scale_grad_by_freq
+
+
 def _use_spec(
     name: str, m: nn.Module, kind: str, w_attr: str, b_attr: str, joint_ok: bool, sep: bool
 ) -> LayerSpec | None:
@@ -299,6 +329,7 @@ def _use_specs(
     shared: set[int],
     functional: set[int],
     sep: bool,
+    embeddings: bool = False,
 ) -> list[LayerSpec]:
     """Kronecker layers captured by parameter use (:mod:`.uses`), among the ``chosen`` modules:
 
@@ -308,7 +339,9 @@ def _use_specs(
     * Hugging Face ``Conv1D`` (``torch.addmm(b, x, W)``, ``W [in, out]``): a transposed use, its
       bias always a separate block;
     * a weight shared by several ``nn.Linear`` layers that also share their bias (or have none):
-      one block over the uses of every layer (KFAC-expand).
+      one block over the uses of every layer (KFAC-expand);
+    * with ``embeddings``, ``nn.Embedding`` (``F.embedding(i, W)``, ``W [V, D]``): a transposed
+      use whose input factor is the diagonal of token counts (:func:`kron_embedding`).
 
     Tied weights of mixed orientation (``nn.Embedding`` tied to a linear head) stay diagonal.
     """
@@ -331,6 +364,8 @@ def _use_specs(
                 found.append(_use_spec(n, m, "linear", "weight", "bias", True, sep))
         elif _is_hf_conv1d(m):
             found.append(_use_spec(n, m, "linear_t", "weight", "bias", False, sep))
+        elif embeddings and kron_embedding(m):
+            found.append(_use_spec(n, m, "embedding", "weight", "bias", False, sep))
         out += [s for s in found if s is not None]
     # Weights tied between nn.Linear layers: every registration in the model must be an
     # nn.Linear called as a module with the same bias; the first registration names the block.

@@ -38,7 +38,8 @@ class FitState:
 
     Attributes:
         A_sum, G_sum: per covered layer, ``[d_in (+1), d_in (+1)]`` and ``[d_out, d_out]`` sums
-            (``None`` until the layer saw data; ``A_sum`` stays ``None`` for a bias-only layer).
+            (``None`` until the layer saw data; ``A_sum`` stays ``None`` for a bias-only layer;
+            an embedding's ``A_sum`` is the diagonal ``[V]`` of token counts, :mod:`.embedding`).
             Wide factors hold only their lower block triangle until :meth:`mirror`.
         E_sum: per layer, one ``[d_out, d_in]`` EKFAC eigenvalue sum per block (second pass).
         num_data, loss, sse, n_outputs: data count (input examples), summed NLL, summed squared
@@ -101,7 +102,7 @@ class FitState:
     def mirror(self) -> None:
         """Complete the factor sums from their accumulated lower block triangles (idempotent)."""
         for t in self.A_sum + self.G_sum:
-            if t is not None:
+            if t is not None and t.ndim == 2:  # an embedding's A_sum is a diagonal [V]
                 mirror_(t)
 
     # ------------------------------------------------------------------------- checkpoints
@@ -146,10 +147,7 @@ class FitState:
         for key in ("A_sum", "G_sum", "E_sum"):
             if not isinstance(state[key], (list, tuple)) or len(state[key]) != n:
                 raise ValueError(f"{key} must be a list of {n} entries (one per covered layer)")
-        A = [
-            _tensor(t, dev, "A_sum", (s.d_in + int(s.joint),) * 2)
-            for t, s in zip(state["A_sum"], self.specs)
-        ]
+        A = [_tensor(t, dev, "A_sum", a_shape(s)) for t, s in zip(state["A_sum"], self.specs)]
         G = [
             _tensor(t, dev, "G_sum", (s.d_out, s.d_out)) for t, s in zip(state["G_sum"], self.specs)
         ]
@@ -218,8 +216,7 @@ class FitState:
         kw = {"dtype": self.dtype, "device": self.device}
         for li, spec in enumerate(self.specs):
             if spec.has_weight and self.A_sum[li] is None:
-                d = spec.d_in + int(spec.joint)
-                self.A_sum[li] = torch.zeros(d, d, **kw)
+                self.A_sum[li] = torch.zeros(a_shape(spec), **kw)
             if self.G_sum[li] is None:
                 self.G_sum[li] = torch.zeros(spec.d_out, spec.d_out, **kw)
         for i, shape in enumerate(self.diag.values()):
@@ -330,6 +327,12 @@ class FitState:
             kind=kind,
             n_observed=self.n_observed,
         )
+
+
+def a_shape(spec: LayerSpec) -> tuple[int, ...]:
+    """Shape of a layer's ``A_sum``: ``[d_in (+1)]^2``, or ``[V]`` (diagonal) for an embedding."""
+    d = spec.d_in + int(spec.joint)
+    return (d,) if spec.embedding else (d, d)
 
 
 def _tensor(t: object, device: torch.device, key: str, shape: tuple[int, ...] | None = None):
