@@ -47,7 +47,13 @@ from .curvature.batches import (
     prediction_inputs,
     slice_inputs,
 )
-from .curvature.capture import Capture, LayerSpec, flatten_output, join_use_gradients
+from .curvature.capture import (
+    Capture,
+    LayerSpec,
+    flatten_output,
+    join_use_gradients,
+    output_rows,
+)
 from .curvature.diagonal import DiagonalGradients
 from .glm_blocks import (
     KINDS,
@@ -171,13 +177,11 @@ def _output_gradients(
                     i += c
                     continue
                 gs = []
-                for o in s.outputs:
+                for o, x in zip(s.outputs, s.inputs, strict=True):
                     g = grads[i]
                     g = o.new_zeros(C, *o.shape) if g is None else g
-                    if isinstance(s.module, nn.Linear):
-                        gs.append(flatten_output(s.module, g.flatten(0, 1)).unflatten(0, (C, -1)))
-                    else:  # channel-first [C, b, d_out, T], returned as a transposed view
-                        gs.append(g.flatten(3).mT if g.ndim == 5 else g.mT)
+                    # Convolutions: channel-first [C, b, d_out, T], returned as a transposed view.
+                    gs.append(output_rows(s.module, g.flatten(0, 1), x).unflatten(0, (C, -1)))
                     i += 1
                 result.append(gs[0] if len(gs) == 1 else torch.cat(gs, dim=2))
             return result, True

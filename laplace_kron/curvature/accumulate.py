@@ -209,7 +209,7 @@ class FactorAccumulator:
         return {
             li
             for li, spec in enumerate(self.specs)
-            if len(spec.outputs) == 1 and spec.outputs[0] is f
+            if len(spec.outputs) == 1 and spec.outputs[0] is f and not spec.transposed
         }
 
     def _closed_form_G(self, b: FitBatch) -> set[int]:
