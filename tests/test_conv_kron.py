@@ -267,3 +267,10 @@ def test_ewc_diagonal_of_new_layers_is_exact(name):
     assert n == 3
     H = exact_ggn(model, x, list(got), "regression").diagonal()
     torch.testing.assert_close(torch.cat([v.flatten() for v in got.values()]), H)
+
+
+def test_optim_preconditioners_refuse_the_new_layers():
+    model, _ = _model("conv3d")
+    lk.optim.KFAC(model, eps=0.1).remove()  # default: the Conv3d layers keep plain gradients
+    with pytest.raises(ValueError, match="nn.Conv1d and nn.Conv2d only"):
+        lk.optim.KFAC(model, eps=0.1, modules=["0"])

@@ -25,11 +25,15 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from ..curvature.capture import SUPPORTED_TYPES, select_layers
+from ..curvature.capture import select_layers
+from ..curvature.convs import GENERIC_CONVS
 from ..validation import check_number, positive, positive_int
 from .layer import Batch, Layer, LayerCurvature, Record
 
 __all__ = ["EKFAC", "KFAC", "KroneckerPreconditioner"]
+
+# The layers the preconditioners cover (the posterior's Conv3d / transposed convolutions are not).
+SUPPORTED_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
 
 def _default_modules(model: nn.Module) -> list[str]:
@@ -79,7 +83,16 @@ class KroneckerPreconditioner:
         self.update_freq = positive_int("update_freq", update_freq)
         if modules is None:
             modules = _default_modules(model)
-        self.layers = [Layer(spec, sua) for spec in select_layers(model, modules)]
+        specs = select_layers(model, modules)
+        for spec in specs:
+            if isinstance(spec.module, GENERIC_CONVS):
+                raise ValueError(
+                    f"layer {spec.name!r} ({type(spec.module).__name__}): the KFAC / EKFAC "
+                    "preconditioners cover nn.Linear, nn.Conv1d and nn.Conv2d only; leave it "
+                    "out of modules=[...] (its parameters then keep their plain "
+                    "gradient)"
+                )
+        self.layers = [Layer(spec, sua) for spec in specs]
         covered = {id(p) for layer in self.layers for p in (layer.weight, layer.bias)}
         self.uncovered = [
             n for n, p in model.named_parameters() if p.requires_grad and id(p) not in covered
