@@ -54,6 +54,7 @@ from .curvature.capture import (
     join_use_gradients,
     output_rows,
 )
+from .curvature.convs import rotate_groups
 from .curvature.diagonal import DiagonalGradients
 from .glm_blocks import (
     KINDS,
@@ -338,25 +339,39 @@ class GLMPass:
                 inputs = [group_by_datum(cap.layer_inputs(s), b, s.name) for s in specs]
                 cap.clear()
             with torch.no_grad():
-                blocks = [self._rotate(p, inputs[p.layer], grads[p.layer]) for p in self.plans]
+                blocks = [
+                    f for p in self.plans for f in self._rotate(p, inputs[p.layer], grads[p.layer])
+                ]
             del grads, inputs, g_rest
             yield ChunkFeatures(start, stop, xb, f2.detach(), blocks)
 
-    def _rotate(self, plan: _Plan, a: Tensor, g: Tensor | None) -> BlockFeatures:
+    def _rotate(self, plan: _Plan, a: Tensor, g: Tensor | None) -> list[BlockFeatures]:
+        """The block's features: one, or one per group of a grouped convolution."""
         blk = plan.block
         QG = blk.eig_G.vectors.to(a.dtype)
+        groups = self.specs[plan.layer].groups
+        if groups > 1:  # the groups' features: inputs [b, T, g, i], gradients [C, b, T, g, o]
+            ahat = a.new_ones(*a.shape[:2], groups, 1) if blk.A is None else None
+            if ahat is None:
+                ahat = rotate_groups(a, blk.eig_A.vectors.to(a.dtype)).unflatten(-1, (groups, -1))
+            ghat = rotate_groups(g, QG).unflatten(-1, (groups, -1))
+            linv = self.linv(plan)
+            return [
+                BlockFeatures(ahat[..., j, :], ghat[..., j, :], linv[j], False)
+                for j in range(groups)
+            ]
         if blk.A is None:
             ahat = a.new_ones(a.shape[0], a.shape[1], 1)
         else:
             ahat = a @ blk.eig_A.vectors.to(a.dtype)  # [b, T, d_in]
         if g is None:  # the layer's outputs are the network's: g_k = e_k, ghat_k = Q_G[k]
-            return BlockFeatures(ahat, QG[:, None, None, :], self.linv(plan), True)
+            return [BlockFeatures(ahat, QG[:, None, None, :], self.linv(plan), True)]
         if g.shape[2] > 1 and g.mT.is_contiguous():
             # Channel-first convolution gradients: rotate them as [d_out, T] matrices (no copy).
             ghat = (QG.T @ g.mT).mT  # [C, b, T, d_out]
         else:
             ghat = g @ QG
-        return BlockFeatures(ahat, ghat, self.linv(plan), False)
+        return [BlockFeatures(ahat, ghat, self.linv(plan), False)]
 
     def diag_jacobians(
         self, xb: Inputs, b: int

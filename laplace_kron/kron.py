@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from .diagblock import BlockOps, DiagBlock
+from .eigen import Eigen, symeig
 from .spectrum import Spectrum
 
 __all__ = [
@@ -43,59 +44,6 @@ __all__ = [
     "per_block",
     "symeig",
 ]
-
-# Relative size below which an eigenvalue is treated as round-off and clamped to zero.
-_EIG_CLAMP = 1e-12
-
-
-@dataclass
-class Eigen:
-    """Eigendecomposition ``M = vectors @ diag(values) @ vectors.T`` of a symmetric PSD factor."""
-
-    values: Tensor  # [d]
-    vectors: Tensor  # [d, d]
-
-
-def symeig(factor: Tensor) -> Eigen:
-    """Eigendecomposition of a symmetric PSD matrix, computed in float64 and clamped to be PSD.
-
-    Float32 factors of wide layers are often ill-conditioned; a float64 ``eigh`` keeps the small
-    eigenvalues (which dominate the inverse) accurate. Negative round-off eigenvalues are clamped to
-    zero, so damping by ``delta > 0`` always yields a positive-definite block.
-
-    Rows with a zero diagonal are exactly zero (the factors are sums of outer products, so
-    ``M_ii = sum_n x_ni^2 = 0`` forces ``x_ni = 0``): dead ReLU units and never-active inputs.
-    They contribute eigenvalue 0 with a unit eigenvector each, and only the rest is passed to
-    ``eigh`` (on the benchmark's wide net 41% of the rows of the largest factors: ``eigh`` about
-    4x cheaper).
-    """
-    if not torch.isfinite(factor).all():
-        raise ValueError("factor contains NaN or Inf; cannot eigendecompose it")
-    # eigh reads the lower triangle only: the factors are symmetric up to round-off, and their
-    # accumulation (kfac.py) completes them by mirroring that triangle.
-    f64 = factor.detach().to(torch.float64)
-    live = f64.diagonal() != 0
-    n = f64.shape[0]
-    n_live = int(live.sum())
-    # A zero diagonal entry of a PSD matrix forces a zero row; anything else is not PSD, and then
-    # the whole matrix goes to eigh (which reports its negative eigenvalues, clamped below).
-    if n_live < n and bool(f64[~live].any()):
-        n_live = n
-    if n_live == n:
-        values, vectors = torch.linalg.eigh(f64)
-    else:
-        idx = live.nonzero().squeeze(1)
-        dead = (~live).nonzero().squeeze(1)
-        sub_values, sub_vectors = torch.linalg.eigh(f64.index_select(0, idx).index_select(1, idx))
-        n_dead = n - n_live
-        values = torch.cat([sub_values.new_zeros(n_dead), sub_values])
-        vectors = f64.new_zeros(n, n)
-        vectors[dead, torch.arange(n_dead, device=f64.device)] = 1.0
-        vectors[idx, n_dead:] = sub_vectors
-    tol = _EIG_CLAMP * values.abs().max().clamp_min(1e-300)
-    values = torch.where(values < tol, torch.zeros_like(values), values)
-    # One memory layout for every eigenbasis (torch.kron fails on mixed row/column-major inputs).
-    return Eigen(values.to(factor.dtype), vectors.to(factor.dtype).contiguous())
 
 
 @dataclass
@@ -290,7 +238,7 @@ class KronBlock(BlockOps):
 
     def with_eigenvalues(self, eigenvalues: Tensor | None) -> KronBlock:
         """A copy sharing factors and eigenbases with new EKFAC eigenvalues."""
-        return KronBlock(
+        return type(self)(
             self.G,
             self.A,
             list(self.param_names),
@@ -481,7 +429,7 @@ def add_curvatures(old: KronCurvature, new: KronCurvature) -> KronCurvature:
             blocks.append(DiagBlock(b1.values + b2.values, b1.param_names, b1.param_shapes))
             continue
         A = None if b1.A is None else (n1 * b1.A + n2 * b2.A) / (n1 + n2)
-        blocks.append(KronBlock(b1.G + b2.G, A, b1.param_names, b1.param_shapes, b1.bias_joint))
+        blocks.append(type(b1)(b1.G + b2.G, A, b1.param_names, b1.param_shapes, b1.bias_joint))
     return KronCurvature(
         blocks,
         list(old.param_names),

@@ -195,7 +195,7 @@ def test_ekfac_eigenvalues_are_the_per_example_definition(name):
 
 
 class SmallCNN(nn.Module):
-    """Conv3d, ConvTranspose2d (bias diagonal), a depthwise Conv2d (diagonal) and a head."""
+    """Conv3d, ConvTranspose2d (bias diagonal), a depthwise Conv2d (grouped) and a head."""
 
     def __init__(self):
         super().__init__()
@@ -225,7 +225,8 @@ def test_coverage_of_the_small_cnn(fitted):
     la, _ = fitted
     kinds = {b.param_names[0]: type(b).__name__ for b in la.curvature.blocks}
     assert kinds["c3.weight"] == kinds["ct.weight"] == kinds["head.weight"] == "KronBlock"
-    assert kinds["ct.bias"] == kinds["dw.weight"] == kinds["dw.bias"] == "DiagBlock"
+    assert kinds["ct.bias"] == "DiagBlock"
+    assert kinds["dw.weight"] == "GroupedKronBlock"  # joint with dw.bias
 
 
 def test_evidence_glm_and_sampling_match_dense(fitted, tmp_path):
@@ -272,5 +273,5 @@ def test_ewc_diagonal_of_new_layers_is_exact(name):
 def test_optim_preconditioners_refuse_the_new_layers():
     model, _ = _model("conv3d")
     lk.optim.KFAC(model, eps=0.1).remove()  # default: the Conv3d layers keep plain gradients
-    with pytest.raises(ValueError, match="nn.Conv1d and nn.Conv2d only"):
+    with pytest.raises(ValueError, match="nn.Conv1d and nn.Conv2d \\(groups=1\\) only"):
         lk.optim.KFAC(model, eps=0.1, modules=["0"])

@@ -25,7 +25,9 @@ RANKS: dict[str, int] = {
     "links": 1,
     "metrics": 1,
     "diagblock": 2,
+    "eigen": 2,
     "kron": 2,
+    "kron_groups": 2,
     "curvature.": 3,  # the curvature package's modules
     "curvature": 4,  # its __init__
     "posterior": 5,

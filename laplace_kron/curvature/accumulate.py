@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from ..kron import KronBlock
 from .batches import FitBatch, forward_batch, group_by_datum, is_empty, mask_padding, to_device
 from .capture import Capture, LayerSpec, Workspace, native_to_weight_order
+from .convs import grouped_sq, rotate_groups
 from .diagonal import DiagonalGradients, example_cotangents
 from .gram import gram_lower_, mirror_, per_example_sq
 from .likelihoods import (
@@ -209,7 +210,10 @@ class FactorAccumulator:
         return {
             li
             for li, spec in enumerate(self.specs)
-            if len(spec.outputs) == 1 and spec.outputs[0] is f and not spec.transposed
+            if len(spec.outputs) == 1
+            and spec.outputs[0] is f
+            and not spec.transposed
+            and spec.groups == 1
         }
 
     def _closed_form_G(self, b: FitBatch) -> set[int]:
@@ -253,6 +257,12 @@ class FactorAccumulator:
             scale = 1.0 / T
         else:
             rows, scale = a.mean(dim=1), 1.0
+        groups = self.specs[li].groups
+        if groups > 1:  # one factor per group: [g, i, i] (kron_groups.py)
+            R = (a.reshape(-1, d) if rows is None else rows).unflatten(-1, (groups, -1))
+            S = torch.einsum("mgi,mgj->gij", R, R)
+            A_sum[li] = S.mul_(scale) if A_sum[li] is None else A_sum[li].add_(S, alpha=scale)
+            return
         if A_sum[li] is None:
             A_sum[li] = a.new_zeros(d, d)
         if rows is None:
@@ -271,6 +281,13 @@ class FactorAccumulator:
         for KFAC-reduce)."""
         G_sum = self.state.G_sum
         T, d = g.shape[2], g.shape[3]
+        groups = self.specs[li].groups
+        if groups > 1:  # one factor per group: [g, o, o]
+            x = g.sum(dim=2) if self.options.weight_sharing == "reduce" else g
+            R = x.reshape(-1, groups, d // groups)
+            S = torch.einsum("mgi,mgj->gij", R, R)
+            G_sum[li] = S if G_sum[li] is None else G_sum[li].add_(S)
+            return
         if G_sum[li] is None:
             G_sum[li] = g.new_zeros(d, d)
         if self.options.weight_sharing == "reduce":
@@ -332,8 +349,13 @@ class FactorAccumulator:
                     for li, g in enumerate(grads):
                         if li in closed:
                             continue
+                        groups = self.specs[li].groups
                         for j, b in enumerate(bases[li]):
-                            sq = per_example_sq(rotated[li][j], g @ b.eig_G.vectors)
+                            if groups > 1:
+                                gh = rotate_groups(g, b.eig_G.vectors)
+                                sq = grouped_sq(rotated[li][j], gh, groups)
+                            else:
+                                sq = per_example_sq(rotated[li][j], g @ b.eig_G.vectors)
                             corr[li][j] = corr[li][j] + sq
         return corr
 
@@ -341,8 +363,11 @@ class FactorAccumulator:
         """``a Q_A`` for native-order inputs ``a [B, T, d]``: the eigenbasis rows are permuted to
         the native column order instead of the inputs to the weight order."""
         B, T, d = a.shape
+        groups = self.specs[li].groups
         if block.A is None:  # a bias-only block sees the constant input 1 at every position
-            return a.new_ones(B, T, 1)
+            return a.new_ones(B, T, groups)
+        if groups > 1:  # weight-order rows, one run of columns per group
+            return rotate_groups(a, block.eig_A.vectors)
         Q = block.eig_A.vectors
         idx = self._orders[li]
         if idx is not None:

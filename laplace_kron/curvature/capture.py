@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .convs import CONV_TRANSPOSED, GENERIC_CONVS, conv_input_rows, conv_output_rows
+from .convs import CONV_TRANSPOSED, conv_input_rows, conv_output_rows, generic_layout
 from .selection import SUPPORTED_TYPES, LayerSpec, select_layers
 from .uses import UseRecorder, rows3
 
@@ -106,7 +106,7 @@ def native_patches(
     """
     if ones_column and workspace is None:
         raise ValueError("ones_column=True needs a workspace")
-    if isinstance(module, GENERIC_CONVS):  # Conv3d, transposed convolutions: weight order
+    if generic_layout(module):  # Conv3d, transposed and grouped convolutions: weight order
         rows = conv_input_rows(module, x)
         if not ones_column:
             return rows
@@ -181,7 +181,7 @@ def native_to_weight_order(module: nn.Module) -> Tensor | None:
     The Kronecker factor of the weight view ``W.reshape(d_out, -1)`` in weight order is
     ``A_w = A_native[idx][:, idx]``.
     """
-    if isinstance(module, (nn.Linear, *GENERIC_CONVS)) or _channel_first(module):
+    if isinstance(module, nn.Linear) or generic_layout(module) or _channel_first(module):
         return None
     (kh, kw), _, _, _ = _conv_geometry(module)
     C = module.in_channels
@@ -337,6 +337,12 @@ class Capture:
             out = workspace.get((spec.name, "rows"), (*a.shape[:2], a.shape[2] + 1), a, fill=1.0)
             out[..., :-1].copy_(a)
             return out
+        if spec.groups > 1:  # [B, T, g (i + 1)]: a ones column per group (convs.py)
+            a = _cat1([conv_input_rows(spec.module, x) for x in spec.inputs])
+            if not ones:
+                return a
+            a = a.unflatten(-1, (spec.groups, -1))
+            return torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1).flatten(-2)
         if native and workspace is not None:
             parts = [
                 native_patches(spec.module, x, workspace, (spec.name, i), ones)

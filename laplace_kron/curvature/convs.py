@@ -17,26 +17,42 @@ per-example weight gradient is ``sum_t g_t a_t^T`` in the matrix view of the wei
   the *input* positions (``a_t = x_t``, ``C_in``), the weight is stored ``[d_in, d_out]``
   (``LayerSpec.transposed``: its block is ``A (x) G`` in ``W.flatten()`` order). The bias adds
   ``b[o]`` at every output position, not per input position, so it gets a diagonal block.
+
+Grouped convolutions (``groups = g > 1``, :mod:`laplace_kron.kron_groups`): the rows of the whole
+layer, columns ``(c, k)``, hold group ``j``'s patch in the ``j``-th run of ``I/g prod(k)`` columns
+(a joint bias gets a ones column per group), its output-gradient in the ``j``-th run of ``O/g``.
 """
 
 from __future__ import annotations
 
 import math
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .gram import per_example_sq
 
 __all__ = [
     "CONV_TRANSPOSED",
     "GENERIC_CONVS",
     "conv_input_rows",
     "conv_output_rows",
+    "generic_layout",
+    "grouped_sq",
     "patches_nd",
+    "rotate_groups",
 ]
 
 CONV_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 # Layers whose rows are built here (Conv1d / Conv2d keep capture.native_patches' layouts).
 GENERIC_CONVS = (nn.Conv3d, *CONV_TRANSPOSED)
+
+
+def generic_layout(module: nn.Module) -> bool:
+    """Whether a layer's rows are built here (in weight order): Conv3d, transposed and grouped
+    convolutions (a group's input channels are one contiguous run of the ``(c, k)`` columns)."""
+    return isinstance(module, GENERIC_CONVS) or getattr(module, "groups", 1) > 1
 
 
 def patches_nd(
@@ -79,3 +95,16 @@ def conv_output_rows(module: nn.Module, gy: Tensor, in_size: tuple[int, ...]) ->
         m = module
         return patches_nd(gy, m.kernel_size, m.dilation, m.padding, m.stride, tuple(in_size))
     return gy.flatten(2).transpose(1, 2)
+
+
+def rotate_groups(x: Tensor, Q: Tensor) -> Tensor:
+    """Per group ``x_j Q_j``: ``x [..., g d]``, ``Q [g, d, d']`` -> ``[..., g d']``."""
+    return torch.einsum("...gi,gij->...gj", x.unflatten(-1, (Q.shape[0], -1)), Q).flatten(-2)
+
+
+def grouped_sq(a: Tensor, g: Tensor, groups: int, chunk: int | None = None) -> Tensor:
+    """:func:`~.gram.per_example_sq` per group: ``a [B, T, g i]``, ``g [K, B, T, g o]`` ->
+    ``[g, o, i]`` (the squared per-example gradients of each group's weight)."""
+    a, g = a.unflatten(-1, (groups, -1)), g.unflatten(-1, (groups, -1))
+    kw = {} if chunk is None else {"chunk": chunk}
+    return torch.stack([per_example_sq(a[..., j, :], g[..., j, :], **kw) for j in range(groups)])

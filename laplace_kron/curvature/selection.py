@@ -60,17 +60,28 @@ class LayerSpec:
         return self.kind == "linear_t" or isinstance(self.module, CONV_TRANSPOSED)
 
     @property
+    def groups(self) -> int:
+        """Groups of a grouped convolution (factors ``[groups, d, d]``, ``d_out`` and ``d_in``
+        per group: :mod:`laplace_kron.kron_groups`); 1 otherwise."""
+        return 1 if self.by_use else getattr(self.module, "groups", 1)
+
+    def factor_shape(self, d: int) -> tuple[int, ...]:
+        """Shape of a ``d x d`` factor: ``(groups, d, d)`` for a grouped convolution."""
+        return (self.groups, d, d) if self.groups > 1 else (d, d)
+
+    @property
     def d_out(self) -> int:
+        """Output size of the weight matrix view (per group)."""
         if self.by_use:
             return self.weight.shape[1 if self.transposed else 0]
         m = self.module
         if isinstance(m, CONV_TRANSPOSED):  # an output patch: C_out prod(k)
             return m.weight[0].numel()
-        return m.out_features if isinstance(m, nn.Linear) else m.out_channels
+        return m.out_features if isinstance(m, nn.Linear) else m.out_channels // m.groups
 
     @property
     def d_in(self) -> int:
-        """Input size of the weight matrix view (without the bias column)."""
+        """Input size of the weight matrix view (per group, without the bias column)."""
         if self.by_use:
             return self.weight.shape[0 if self.transposed else 1]
         m = self.module
@@ -134,14 +145,16 @@ def _functional_linears(named: list[tuple[str, nn.Module]]) -> set[int]:
 
 
 def _kron_capable(m: nn.Module, functional: set[int]) -> bool:
-    """A supported layer called as a module; convolutions with ``groups > 1``, a non-zero
-    ``padding_mode`` or string padding get diagonal blocks instead (as does the bias of a
+    """A supported layer called as a module; convolutions with a non-zero ``padding_mode`` or
+    string padding and grouped transposed convolutions get diagonal blocks instead (as does the bias of a
     transposed convolution, which :func:`select_coverage` leaves out of its spec)."""
     if not isinstance(m, SUPPORTED_TYPES) or id(m) in functional:
         return False
     if isinstance(m, nn.Linear):
         return True
-    return m.groups == 1 and m.padding_mode == "zeros" and not isinstance(m.padding, str)
+    if isinstance(m, CONV_TRANSPOSED) and m.groups > 1:
+        return False
+    return m.padding_mode == "zeros" and not isinstance(m.padding, str)
 
 
 def select_layers(

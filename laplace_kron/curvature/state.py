@@ -23,6 +23,7 @@ from torch import Tensor
 from .. import distributed as dist_utils
 from ..io import reading
 from ..kron import DiagBlock, KronBlock, KronCurvature
+from ..kron_groups import make_block
 from .batches import fingerprint
 from .capture import LayerSpec
 from .gram import mirror_
@@ -101,7 +102,7 @@ class FitState:
     def mirror(self) -> None:
         """Complete the factor sums from their accumulated lower block triangles (idempotent)."""
         for t in self.A_sum + self.G_sum:
-            if t is not None:
+            if t is not None and t.ndim == 2:  # grouped [g, d, d] sums are accumulated whole
                 mirror_(t)
 
     # ------------------------------------------------------------------------- checkpoints
@@ -147,11 +148,12 @@ class FitState:
             if not isinstance(state[key], (list, tuple)) or len(state[key]) != n:
                 raise ValueError(f"{key} must be a list of {n} entries (one per covered layer)")
         A = [
-            _tensor(t, dev, "A_sum", (s.d_in + int(s.joint),) * 2)
+            _tensor(t, dev, "A_sum", s.factor_shape(s.d_in + int(s.joint)))
             for t, s in zip(state["A_sum"], self.specs)
         ]
         G = [
-            _tensor(t, dev, "G_sum", (s.d_out, s.d_out)) for t, s in zip(state["G_sum"], self.specs)
+            _tensor(t, dev, "G_sum", s.factor_shape(s.d_out))
+            for t, s in zip(state["G_sum"], self.specs)
         ]
         E = [None if e is None else [_tensor(t, dev, "E_sum") for t in e] for e in state["E_sum"]]
         D = self._load_diag(state.get("D_sum", [] if not self.diag else None), dev)
@@ -216,10 +218,9 @@ class FitState:
         kw = {"dtype": self.dtype, "device": self.device}
         for li, spec in enumerate(self.specs):
             if spec.has_weight and self.A_sum[li] is None:
-                d = spec.d_in + int(spec.joint)
-                self.A_sum[li] = torch.zeros(d, d, **kw)
+                self.A_sum[li] = torch.zeros(spec.factor_shape(spec.d_in + int(spec.joint)), **kw)
             if self.G_sum[li] is None:
-                self.G_sum[li] = torch.zeros(spec.d_out, spec.d_out, **kw)
+                self.G_sum[li] = torch.zeros(spec.factor_shape(spec.d_out), **kw)
         for i, shape in enumerate(self.diag.values()):
             if self.D_sum[i] is None:
                 self.D_sum[i] = torch.zeros(shape, **kw)
@@ -241,9 +242,7 @@ class FitState:
         if self.distributed:
             for li, layer in enumerate(bases):
                 if self.E_sum[li] is None:
-                    self.E_sum[li] = [
-                        torch.zeros(b.d_out, b.d_in, dtype=b.dtype, device=b.device) for b in layer
-                    ]
+                    self.E_sum[li] = [torch.zeros_like(b.eigvals()) for b in layer]
             dist_utils.all_reduce_sum_([e for es in self.E_sum for e in es] + [count])
         n2 = int(round(count.item()))
         if n2 != self.num_data:
@@ -273,18 +272,18 @@ class FitState:
                     )
             if spec.joint:
                 names = [spec.weight_name, spec.bias_name]
-                out.append([KronBlock(G, A, names, [shapes[n] for n in names], True)])
+                out.append([make_block(G, A, names, [shapes[n] for n in names], True)])
                 continue
             layer = []
             if spec.has_weight:
                 w = spec.weight_name
                 # A weight stored [d_in, d_out]: A (x) G in its own p.flatten() order.
                 F1, F2 = (A, G) if spec.transposed else (G, A)
-                layer.append(KronBlock(F1, F2, [w], [shapes[w]]))
+                layer.append(make_block(F1, F2, [w], [shapes[w]]))
             if spec.has_bias:
                 # The bias input is the constant 1, so its A factor is 1 (expand and reduce).
                 b = spec.bias_name
-                layer.append(KronBlock(G, None, [b], [shapes[b]]))
+                layer.append(make_block(G, None, [b], [shapes[b]]))
             out.append(layer)
         return out
 
