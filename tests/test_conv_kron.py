@@ -212,13 +212,15 @@ class SmallCNN(nn.Module):
 
 @pytest.fixture(scope="module")
 def fitted():
+    old = torch.get_default_dtype()  # module fixtures run before conftest's per-test dtype
     torch.set_default_dtype(torch.float64)
     torch.manual_seed(0)
     model = SmallCNN().eval()
     x, y = make_data("classification", 5, 3, (1, 2, 3, 3))
     la = lk.KronLaplace(model, "classification", fisher="exact", curvature="ekfac").fit([(x, y)])
     la.prior_precision = torch.linspace(0.5, 2.0, la.n_blocks)
-    return la, x
+    yield la, x
+    torch.set_default_dtype(old)
 
 
 def test_coverage_of_the_small_cnn(fitted):
