@@ -54,7 +54,6 @@ from .curvature.capture import (
     join_use_gradients,
     output_rows,
 )
-from .curvature.convs import rotate_groups
 from .curvature.diagonal import DiagonalGradients
 from .glm_blocks import (
     KINDS,
@@ -63,10 +62,11 @@ from .glm_blocks import (
     block_root,
     diag_block_moments,
     kind_pairs,
+    rotate_block,
 )
 from .kron import DiagBlock, KronBlock
 from .posterior import KronPosterior
-from .sampling import check_differentiable, check_predictable
+from .sampling import check_at_mean, check_differentiable, check_predictable
 from .validation import positive_int
 
 __all__ = [
@@ -125,22 +125,6 @@ def _plans(la: KronPosterior) -> tuple[list[LayerSpec], list[_Plan]]:
         li = layers.pop()
         plans.append(_Plan(specs[li].standard_block(b), li, scale, d.to(dtype)))
     return specs, plans
-
-
-def _check_at_mean(la: KronPosterior) -> None:
-    params = dict(la.model.named_parameters())
-    start = 0
-    for n in la.param_names:
-        p = params[n]
-        k = p.numel()
-        if not torch.equal(p.detach().reshape(-1), la.mean[start : start + k].to(p.device)):
-            warnings.warn(
-                f"the model's parameter {n!r} differs from the posterior mean it was fitted at; the "
-                "predictive linearizes at the model's current parameters",
-                stacklevel=4,
-            )
-            return
-        start += k
 
 
 def _output_gradients(
@@ -262,7 +246,7 @@ class GLMPass:
         self.diag_grads = DiagonalGradients(
             la.model, [p.block.param_names[0] for p in self.diag_plans], chunk_size, vectorize
         )
-        _check_at_mean(la)
+        check_at_mean(la)
         self.tail: torch.Size | None = None
         self.C, shared, sizes = self._probe()
         if batch_size is None:
@@ -347,31 +331,7 @@ class GLMPass:
 
     def _rotate(self, plan: _Plan, a: Tensor, g: Tensor | None) -> list[BlockFeatures]:
         """The block's features: one, or one per group of a grouped convolution."""
-        blk = plan.block
-        QG = blk.eig_G.vectors.to(a.dtype)
-        groups = self.specs[plan.layer].groups
-        if groups > 1:  # the groups' features: inputs [b, T, g, i], gradients [C, b, T, g, o]
-            ahat = a.new_ones(*a.shape[:2], groups, 1) if blk.A is None else None
-            if ahat is None:
-                ahat = rotate_groups(a, blk.eig_A.vectors.to(a.dtype)).unflatten(-1, (groups, -1))
-            ghat = rotate_groups(g, QG).unflatten(-1, (groups, -1))
-            linv = self.linv(plan)
-            return [
-                BlockFeatures(ahat[..., j, :], ghat[..., j, :], linv[j], False)
-                for j in range(groups)
-            ]
-        if blk.A is None:
-            ahat = a.new_ones(a.shape[0], a.shape[1], 1)
-        else:
-            ahat = a @ blk.eig_A.vectors.to(a.dtype)  # [b, T, d_in]
-        if g is None:  # the layer's outputs are the network's: g_k = e_k, ghat_k = Q_G[k]
-            return [BlockFeatures(ahat, QG[:, None, None, :], self.linv(plan), True)]
-        if g.shape[2] > 1 and g.mT.is_contiguous():
-            # Channel-first convolution gradients: rotate them as [d_out, T] matrices (no copy).
-            ghat = (QG.T @ g.mT).mT  # [C, b, T, d_out]
-        else:
-            ghat = g @ QG
-        return [BlockFeatures(ahat, ghat, self.linv(plan), False)]
+        return rotate_block(plan.block, self.specs[plan.layer].groups, a, g, self.linv(plan))
 
     def diag_jacobians(
         self, xb: Inputs, b: int

@@ -106,16 +106,9 @@ def native_patches(
     """
     if ones_column and workspace is None:
         raise ValueError("ones_column=True needs a workspace")
-    if generic_layout(module):  # Conv3d, transposed and grouped convolutions: weight order
-        rows = conv_input_rows(module, x)
-        if not ones_column:
-            return rows
-        B, T, D = rows.shape
-        out = workspace.get((key, "rows"), (B, T, D + 1), x, fill=1.0)
-        out[..., :D].copy_(rows)
-        return out
-    if isinstance(module, nn.Linear):
-        rows = x.reshape(x.shape[0], -1, x.shape[-1])
+    linear = isinstance(module, nn.Linear)
+    if linear or generic_layout(module):  # Conv3d, transposed, grouped convs: weight order
+        rows = x.reshape(x.shape[0], -1, x.shape[-1]) if linear else conv_input_rows(module, x)
         if not ones_column:
             return rows
         B, T, D = rows.shape
