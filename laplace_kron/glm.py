@@ -284,8 +284,8 @@ class GLMPass:
             sizes = [
                 (
                     sum(flatten_output(s, o).shape[:2].numel() for o in s.outputs),
-                    s.d_out,
-                    s.d_in,
+                    s.d_out * s.groups,  # a grouped block: all its groups
+                    s.d_in * s.groups,
                 )
                 for s in self.specs
             ]
