@@ -109,19 +109,19 @@ def right_mul(mat: Tensor, A: Tensor) -> Tensor:
 
 def rotate(QG: Tensor | None, mat: Tensor, QA: Tensor | None) -> Tensor:
     """``QG^T mat QA`` into the eigenbasis (``None``: the identity)."""
-    out = mat if QG is None else QG.T @ mat
+    out = mat if QG is None else QG.mT @ mat  # mT: batched over the groups of a grouped block
     return out if QA is None else out @ QA
 
 
 def unrotate(QG: Tensor | None, mat: Tensor, QA: Tensor | None) -> Tensor:
     """``QG mat QA^T`` out of the eigenbasis (``None``: the identity)."""
     out = mat if QG is None else QG @ mat
-    return out if QA is None else out @ QA.T
+    return out if QA is None else out @ QA.mT
 
 
 def factor_trace(F: Tensor) -> Tensor:
-    """``tr(F)`` of a dense or diagonal factor."""
-    return F.sum() if F.ndim == 1 else F.diagonal().sum()
+    """``tr(F)`` of a dense or diagonal factor (per group ``[g]`` for grouped factors)."""
+    return F.sum() if F.ndim == 1 else F.diagonal(dim1=-2, dim2=-1).sum(-1)
 
 
 def dense_factor(F: Tensor) -> Tensor:

@@ -47,7 +47,13 @@ from .curvature.batches import (
     prediction_inputs,
     slice_inputs,
 )
-from .curvature.capture import Capture, LayerSpec, flatten_output, join_use_gradients
+from .curvature.capture import (
+    Capture,
+    LayerSpec,
+    flatten_output,
+    join_use_gradients,
+    output_rows,
+)
 from .curvature.diagonal import DiagonalGradients
 from .glm_blocks import (
     KINDS,
@@ -57,10 +63,11 @@ from .glm_blocks import (
     diag_block_moments,
     embedding_features,
     kind_pairs,
+    rotate_block,
 )
 from .kron import DiagBlock, KronBlock
 from .posterior import KronPosterior
-from .sampling import check_differentiable, check_predictable
+from .sampling import check_at_mean, check_differentiable, check_predictable
 from .validation import positive_int
 
 __all__ = [
@@ -121,22 +128,6 @@ def _plans(la: KronPosterior) -> tuple[list[LayerSpec], list[_Plan]]:
     return specs, plans
 
 
-def _check_at_mean(la: KronPosterior) -> None:
-    params = dict(la.model.named_parameters())
-    start = 0
-    for n in la.param_names:
-        p = params[n]
-        k = p.numel()
-        if not torch.equal(p.detach().reshape(-1), la.mean[start : start + k].to(p.device)):
-            warnings.warn(
-                f"the model's parameter {n!r} differs from the posterior mean it was fitted at; the "
-                "predictive linearizes at the model's current parameters",
-                stacklevel=4,
-            )
-            return
-        start += k
-
-
 def _output_gradients(
     cap: Capture, specs: list[LayerSpec], f: Tensor, vectorize: bool
 ) -> tuple[list[Tensor], bool]:
@@ -172,13 +163,11 @@ def _output_gradients(
                     i += c
                     continue
                 gs = []
-                for o in s.outputs:
+                for o, x in zip(s.outputs, s.inputs, strict=True):
                     g = grads[i]
                     g = o.new_zeros(C, *o.shape) if g is None else g
-                    if isinstance(s.module, nn.Linear):
-                        gs.append(flatten_output(s.module, g.flatten(0, 1)).unflatten(0, (C, -1)))
-                    else:  # channel-first [C, b, d_out, T], returned as a transposed view
-                        gs.append(g.flatten(3).mT if g.ndim == 5 else g.mT)
+                    # Convolutions: channel-first [C, b, d_out, T], returned as a transposed view.
+                    gs.append(output_rows(s.module, g.flatten(0, 1), x).unflatten(0, (C, -1)))
                     i += 1
                 result.append(gs[0] if len(gs) == 1 else torch.cat(gs, dim=2))
             return result, True
@@ -258,7 +247,7 @@ class GLMPass:
         self.diag_grads = DiagonalGradients(
             la.model, [p.block.param_names[0] for p in self.diag_plans], chunk_size, vectorize
         )
-        _check_at_mean(la)
+        check_at_mean(la)
         self.tail: torch.Size | None = None
         self.C, shared, sizes = self._probe()
         if batch_size is None:
@@ -296,8 +285,8 @@ class GLMPass:
             sizes = [
                 (
                     sum(flatten_output(s, o).shape[:2].numel() for o in s.outputs),
-                    s.d_out,
-                    s.d_in,
+                    s.d_out * s.groups,  # a grouped block: all its groups
+                    s.d_in * s.groups,
                 )
                 for s in self.specs
             ]
@@ -335,27 +324,18 @@ class GLMPass:
                 inputs = [group_by_datum(cap.layer_inputs(s), b, s.name) for s in specs]
                 cap.clear()
             with torch.no_grad():
-                blocks = [self._rotate(p, inputs[p.layer], grads[p.layer]) for p in self.plans]
+                blocks = [
+                    f for p in self.plans for f in self._rotate(p, inputs[p.layer], grads[p.layer])
+                ]
             del grads, inputs, g_rest
             yield ChunkFeatures(start, stop, xb, f2.detach(), blocks)
 
-    def _rotate(self, plan: _Plan, a: Tensor, g: Tensor | None) -> BlockFeatures:
-        blk = plan.block
-        if self.specs[plan.layer].embedding:  # a: token indices
-            return embedding_features(self.specs[plan.layer], a, g, blk, self.linv(plan))
-        QG = blk.eig_G.vectors.to(a.dtype)
-        if blk.A is None:
-            ahat = a.new_ones(a.shape[0], a.shape[1], 1)
-        else:
-            ahat = a @ blk.eig_A.vectors.to(a.dtype)  # [b, T, d_in]
-        if g is None:  # the layer's outputs are the network's: g_k = e_k, ghat_k = Q_G[k]
-            return BlockFeatures(ahat, QG[:, None, None, :], self.linv(plan), True)
-        if g.shape[2] > 1 and g.mT.is_contiguous():
-            # Channel-first convolution gradients: rotate them as [d_out, T] matrices (no copy).
-            ghat = (QG.T @ g.mT).mT  # [C, b, T, d_out]
-        else:
-            ghat = g @ QG
-        return BlockFeatures(ahat, ghat, self.linv(plan), False)
+    def _rotate(self, plan: _Plan, a: Tensor, g: Tensor | None) -> list[BlockFeatures]:
+        """The block's features: one, or one per group of a grouped convolution."""
+        spec = self.specs[plan.layer]
+        if spec.embedding:  # a: token indices
+            return [embedding_features(spec, a, g, plan.block, self.linv(plan))]
+        return rotate_block(plan.block, spec.groups, a, g, self.linv(plan))
 
     def diag_jacobians(
         self, xb: Inputs, b: int

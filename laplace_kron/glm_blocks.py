@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from .curvature.capture import LayerSpec
+from .curvature.convs import rotate_groups
 from .curvature.embedding import token_mask, token_rank_one
 from .kron import KronBlock
 
@@ -34,6 +35,7 @@ __all__ = [
     "diag_block_moments",
     "embedding_features",
     "kind_pairs",
+    "rotate_block",
 ]
 
 
@@ -106,6 +108,38 @@ def embedding_features(
     g = g if mask is None else g * mask.to(g.dtype)[None, :, :, None]
     ghat = g @ block.eig_G.vectors.to(g.dtype)
     return BlockFeatures(idx, ghat, linv, False, token_rank_one(idx, ghat, linv))
+
+
+def rotate_block(
+    blk: KronBlock, groups: int, a: Tensor, g: Tensor | None, linv: Tensor
+) -> list[BlockFeatures]:
+    """A block's :class:`BlockFeatures` from its layer's inputs ``a [b, T, d_in]`` and
+    output-gradients ``g [C, b, T, d_out]`` (``None``: the layer's outputs are the network's,
+    ``g_k = e_k``); ``blk`` has its output factor in ``G``. A grouped convolution's block
+    (``groups > 1``, factors ``[g, d, d]``) gives one feature per group (its columns of ``a`` and
+    ``g`` are one run per group)."""
+    QG = blk.eig_G.vectors.to(a.dtype)
+    if groups > 1:  # the groups' features: inputs [b, T, g, i], gradients [C, b, T, g, o]
+        if blk.A is None:
+            ahat = a.new_ones(*a.shape[:2], groups, 1)
+        else:
+            ahat = rotate_groups(a, blk.eig_A.vectors.to(a.dtype)).unflatten(-1, (groups, -1))
+        ghat = rotate_groups(g, QG).unflatten(-1, (groups, -1))
+        return [
+            BlockFeatures(ahat[..., j, :], ghat[..., j, :], linv[j], False) for j in range(groups)
+        ]
+    if blk.A is None:
+        ahat = a.new_ones(a.shape[0], a.shape[1], 1)
+    else:
+        ahat = a @ blk.eig_A.vectors.to(a.dtype)  # [b, T, d_in]
+    if g is None:  # ghat_k = Q_G[k] for every input
+        return [BlockFeatures(ahat, QG[:, None, None, :], linv, True)]
+    if g.shape[2] > 1 and g.mT.is_contiguous():
+        # Channel-first convolution gradients: rotate them as [d_out, T] matrices (no copy).
+        ghat = (QG.T @ g.mT).mT  # [C, b, T, d_out]
+    else:
+        ghat = g @ QG
+    return [BlockFeatures(ahat, ghat, linv, False)]
 
 
 def _rank_one(feat: BlockFeatures) -> tuple[Tensor, Tensor] | None:

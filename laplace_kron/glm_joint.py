@@ -133,7 +133,7 @@ def joint_covariance(
     B, C = f.shape
     out = f.new_zeros(B, C, B, C)
     with torch.no_grad():
-        for p in range(len(run.plans)):
+        for p in range(len(chunks[0].blocks)):  # a grouped block has one feature per group
             feats = [c.blocks[p] for c in chunks]
             gh, a, rank_one, linv = _gathered(feats)
             _block_joint(out, gh, a, rank_one, linv, chunk_size)

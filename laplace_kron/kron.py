@@ -26,6 +26,7 @@ Only ``to_dense()`` ever forms a ``P x P`` matrix.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
@@ -84,38 +85,44 @@ class KronBlock(BlockOps):
 
     def __post_init__(self) -> None:
         self.param_shapes = [torch.Size(s) for s in self.param_shapes]
+        self.check_factors()
+        if self.n_params != sum(s.numel() for s in self.param_shapes):
+            raise ValueError(
+                f"block {self.param_names}: factor sizes {self.d_out} x {self.d_in} "
+                f"(matrix view {(*self.row_shape, self.d_in)}) do not match parameter shapes "
+                f"{[tuple(s) for s in self.param_shapes]}"
+            )
+        shape = (*self.row_shape, self.d_in)
+        if self.eigenvalues is not None and self.eigenvalues.shape != shape:
+            raise ValueError(
+                f"EKFAC eigenvalues must have shape {shape}, got {tuple(self.eigenvalues.shape)}"
+            )
+
+    def check_factors(self) -> None:
+        """``G`` and ``A`` are square matrices or 1-d diagonals (a grouped block checks its
+        group axis)."""
         for name, fac in (("G", self.G), ("A", self.A)):
             if fac is not None and not _factor_shape(fac):
                 raise ValueError(
                     f"{name} must be square (or the 1-d diagonal of a diagonal factor), got shape "
                     f"{tuple(fac.shape)}"
                 )
-        if self.n_params != sum(s.numel() for s in self.param_shapes):
-            raise ValueError(
-                f"block {self.param_names}: factor sizes {self.d_out} x {self.d_in} do not match "
-                f"parameter shapes {[tuple(s) for s in self.param_shapes]}"
-            )
-        if self.eigenvalues is not None and self.eigenvalues.shape != (self.d_out, self.d_in):
-            raise ValueError(
-                f"EKFAC eigenvalues must have shape {(self.d_out, self.d_in)}, "
-                f"got {tuple(self.eigenvalues.shape)}"
-            )
 
     # ----------------------------------------------------------------------------- shapes
     @property
     def d_out(self) -> int:
-        """Output size (rows of the block's matrix view)."""
-        return self.G.shape[0]
+        """Output size (rows of the block's matrix view; per group for a grouped block)."""
+        return self.G.shape[-1]
 
     @property
     def d_in(self) -> int:
         """Input size (columns of the matrix view, including a joint bias column)."""
-        return 1 if self.A is None else self.A.shape[0]
+        return 1 if self.A is None else self.A.shape[-1]
 
     @property
     def n_params(self) -> int:
-        """Number of parameters covered, ``d_out * d_in``."""
-        return self.d_out * self.d_in
+        """Number of parameters covered, ``d_out * d_in`` (times the groups of a grouped block)."""
+        return math.prod(self.row_shape) * self.d_in
 
     @property
     def dtype(self) -> torch.dtype:
@@ -132,7 +139,7 @@ class KronBlock(BlockOps):
     def eig_G(self) -> Eigen:
         """Eigendecomposition of ``G`` (computed once, float64, clamped PSD)."""
         if self._eig_G is None:
-            self._eig_G = symeig(self.G)
+            self._eig_G = self.decompose(self.G)
         return self._eig_G
 
     @property
@@ -140,19 +147,29 @@ class KronBlock(BlockOps):
         """Eigendecomposition of ``A`` (``[[1]]`` for a bias-only block)."""
         if self._eig_A is None:
             if self.A is None:
-                one = torch.ones(1, 1, dtype=self.dtype, device=self.device)
-                self._eig_A = Eigen(one[0], one)
+                one = torch.ones(*self.row_shape[:-1], 1, 1, dtype=self.dtype, device=self.device)
+                self._eig_A = Eigen(one[..., 0], one)
             else:
-                self._eig_A = symeig(self.A)
+                self._eig_A = self.decompose(self.A)
         return self._eig_A
+
+    def decompose(self, factor: Tensor) -> Eigen:
+        """The eigendecomposition of a factor (:func:`~laplace_kron.factors.symeig`)."""
+        return symeig(factor)
 
     def eigvals(self) -> Tensor:
         """Eigenvalues of the undamped block as a ``[d_out, d_in]`` matrix."""
         if self.eigenvalues is not None:
             return self.eigenvalues
-        return torch.outer(self.eig_G.values, self.eig_A.values)
+        return self.eig_G.values.unsqueeze(-1) * self.eig_A.values.unsqueeze(-2)
 
     # ----------------------------------------------------------------------------- layouts
+    @property
+    def row_shape(self) -> tuple[int, ...]:
+        """Shape of the matrix view's leading axes (``(d_out,)``; ``(groups, d_out)`` for a
+        grouped block, :mod:`~laplace_kron.kron_groups`)."""
+        return (self.d_out,)
+
     def params_to_mat(self, params: Sequence[Tensor]) -> Tensor:
         """Stack parameter-shaped tensors (optional leading batch dims) into ``[..., d_out, d_in]``."""
         if len(params) != len(self.param_shapes):
@@ -162,15 +179,15 @@ class KronBlock(BlockOps):
             batch = p.shape[: p.ndim - len(shape)]
             if p.shape[len(batch) :] != shape:
                 raise ValueError(f"tensor of shape {tuple(p.shape)} does not end in {tuple(shape)}")
-            mats.append(p.reshape(*batch, self.d_out, -1))
+            mats.append(p.reshape(*batch, *self.row_shape, -1))
         return torch.cat(mats, dim=-1) if len(mats) > 1 else mats[0]
 
     def mat_to_params(self, mat: Tensor) -> list[Tensor]:
         """Inverse of :meth:`params_to_mat`."""
-        batch = mat.shape[:-2]
+        batch = mat.shape[: mat.ndim - 1 - len(self.row_shape)]
         out, start = [], 0
         for shape in self.param_shapes:
-            width = shape.numel() // self.d_out
+            width = shape.numel() // math.prod(self.row_shape)
             out.append(mat[..., start : start + width].reshape(*batch, *shape))
             start += width
         return out
@@ -186,7 +203,7 @@ class KronBlock(BlockOps):
 
     def mat_to_vec(self, mat: Tensor) -> Tensor:
         """Inverse of :meth:`vec_to_mat`."""
-        batch = mat.shape[:-2]
+        batch = mat.shape[: mat.ndim - 1 - len(self.row_shape)]
         return torch.cat([p.reshape(*batch, -1) for p in self.mat_to_params(mat)], dim=-1)
 
     # ----------------------------------------------------------------------------- algebra
@@ -218,9 +235,9 @@ class KronBlock(BlockOps):
 
     def trace(self, scale: Tensor | float = 1.0, delta: Tensor | float = 0.0) -> Tensor:
         """``tr(scale * K + delta I)``."""
-        if self.eigenvalues is None:
-            tr_a = torch.ones((), dtype=self.dtype) if self.A is None else factor_trace(self.A)
-            return scale * factor_trace(self.G) * tr_a + delta * self.n_params
+        if self.eigenvalues is None:  # sum over the groups of tr(G_g) tr(A_g) for a grouped block
+            tr_a = 1.0 if self.A is None else factor_trace(self.A)
+            return scale * (factor_trace(self.G) * tr_a).sum() + delta * self.n_params
         return (scale * self.eigenvalues + delta).sum()
 
     def param_permutation(self) -> Tensor:
@@ -235,16 +252,26 @@ class KronBlock(BlockOps):
         fn: Callable[[Tensor], Tensor] | None = None,
     ) -> Tensor:
         """Dense ``f(scale * K + delta I)`` ``[P_block, P_block]`` in parameter order (tests only)."""
-        if fn is None and self.eigenvalues is None:
+        if fn is None and self.eigenvalues is None and len(self.row_shape) == 1:
             A = torch.ones(1, 1, dtype=self.dtype, device=self.device) if self.A is None else self.A
             kron = scale * torch.kron(dense_factor(self.G), dense_factor(A))
             kron = kron + delta * torch.eye(self.n_params, dtype=self.dtype, device=self.device)
         else:
-            Q = torch.kron(eigvec_dense(self.eig_G, self.G), eigvec_dense(self.eig_A, self.G))
+            Q = self.dense_eigenvectors()
             lam = self.damped_eigvals(scale, delta).flatten()
             if fn is not None:
                 lam = fn(lam)
             kron = (Q * lam) @ Q.T
+        return self.to_param_order(kron)
+
+    def dense_eigenvectors(self) -> Tensor:
+        """The eigenvectors ``Q_G (x) Q_A`` as a dense ``[P_block, P_block]`` matrix in the matrix
+        view's order (tests only)."""
+        return torch.kron(eigvec_dense(self.eig_G, self.G), eigvec_dense(self.eig_A, self.G))
+
+    def to_param_order(self, kron: Tensor) -> Tensor:
+        """A dense ``[P_block, P_block]`` matrix in the matrix view's (Kronecker) order, permuted
+        to parameter order."""
         perm = self.param_permutation()
         dense = torch.empty_like(kron)
         dense[perm.unsqueeze(1), perm.unsqueeze(0)] = kron
@@ -252,7 +279,7 @@ class KronBlock(BlockOps):
 
     def with_eigenvalues(self, eigenvalues: Tensor | None) -> KronBlock:
         """A copy sharing factors and eigenbases with new EKFAC eigenvalues."""
-        return KronBlock(
+        return type(self)(
             self.G,
             self.A,
             list(self.param_names),
@@ -459,7 +486,7 @@ def add_curvatures(
             G, A = mean(b1.G, b2.G), b1.A + b2.A
         else:
             G, A = b1.G + b2.G, mean(b1.A, b2.A)
-        blocks.append(KronBlock(G, A, b1.param_names, b1.param_shapes, b1.bias_joint))
+        blocks.append(type(b1)(G, A, b1.param_names, b1.param_shapes, b1.bias_joint))
     return KronCurvature(
         blocks,
         list(old.param_names),

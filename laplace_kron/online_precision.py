@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from .kron import Eigen, KronBlock
+from .kron_groups import make_block
 
 __all__ = ["BlockSum", "DiagSum", "Term", "merge_terms"]
 
@@ -80,7 +81,7 @@ class BlockSum:
             blocks = [t.block for t in self.terms]
             if self.ekfac:
                 self._stack = (
-                    torch.stack([b.eig_G.vectors.T for b in blocks]).contiguous(),
+                    torch.stack([b.eig_G.vectors.mT for b in blocks]).contiguous(),
                     torch.stack([b.eig_A.vectors for b in blocks]),
                     torch.stack([t.coef * t.block.eigvals() for t in self.terms]),
                 )
@@ -103,7 +104,7 @@ class BlockSum:
         GD = G @ D  # [T, o, i]
         if A is not None:
             GD = GD @ A
-        return (coefs[:, None, None] * GD * D).sum()
+        return (coefs.reshape(-1, *[1] * (GD.ndim - 1)) * GD * D).sum()
 
     def to_dense(self) -> Tensor:
         """Dense ``sum_k c_k K_k`` ``[P_block, P_block]`` in the parameters' own flatten order."""
@@ -165,7 +166,7 @@ class BlockSum:
             if isinstance(coef, bool) or not isinstance(coef, numbers.Real) or not coef >= 0:
                 raise ValueError(f"block {names}: coefficient {coef!r} is not a number >= 0")
             t = {key: _tensor_or_none(lists[key][k], names, key, key == "A") for key in keys}
-            block = KronBlock(
+            block = make_block(
                 cast(t["G"]), cast(t["A"]), bs.param_names, bs.param_shapes, bs.bias_joint
             )
             if ekfac:
@@ -219,20 +220,20 @@ def _tensor_or_none(value: object, names: list[str], key: str, optional: bool) -
 
 def _ekfac_block(block: KronBlock, t: Mapping[str, Tensor], names: list[str]) -> KronBlock:
     """``block`` with the stored EKFAC eigenvalues and eigenbases, shapes checked."""
-    o, i = block.d_out, block.d_in
+    o, i, g = block.d_out, block.d_in, tuple(block.G.shape[:-2])  # g: a grouped block's groups
     want = {
-        "eigenvalues": (o, i),
-        "eig_G_values": (o,),
-        "eig_G_vectors": (o, o),
-        "eig_A_values": (i,),
-        "eig_A_vectors": (i, i),
+        "eigenvalues": (*g, o, i),
+        "eig_G_values": (*g, o),
+        "eig_G_vectors": (*g, o, o),
+        "eig_A_values": (*g, i),
+        "eig_A_vectors": (*g, i, i),
     }
     bad = [f"{k} {tuple(t[k].shape)} (expected {s})" for k, s in want.items() if t[k].shape != s]
     if bad:
         raise ValueError(f"block {names}: EKFAC tensors of the wrong shape: {bad}")
     if (t["eigenvalues"] < 0).any():
         raise ValueError(f"block {names}: EKFAC eigenvalues must be >= 0 (sums of squares)")
-    return KronBlock(
+    return type(block)(
         block.G,
         block.A,
         block.param_names,
@@ -261,16 +262,18 @@ def merge_terms(terms: Sequence[Term], ekfac: bool) -> Term:
     G = sum(t.coef * t.block.G for t in terms)
     A = None
     if first.A is not None:
-        tr = torch.stack([t.coef * t.block.G.diagonal().sum() for t in terms])
-        w = tr / tr.sum() if float(tr.sum()) > 0 else torch.full_like(tr, 1.0 / len(terms))
-        A = sum(wk * b.A for wk, b in zip(w, blocks))
-    merged = KronBlock(G, A, list(first.param_names), list(first.param_shapes), first.bias_joint)
+        # [terms] (or [terms, groups]: one weighting per group of a grouped block)
+        tr = torch.stack([t.coef * t.block.G.diagonal(dim1=-2, dim2=-1).sum(-1) for t in terms])
+        tot = tr.sum(0)
+        w = torch.where(tot > 0, tr / torch.where(tot > 0, tot, 1.0), 1.0 / len(terms))
+        A = sum(wk[..., None, None] * b.A for wk, b in zip(w, blocks))
+    merged = make_block(G, A, list(first.param_names), list(first.param_shapes), first.bias_joint)
     if ekfac:
         QG, QA = merged.eig_G.vectors, merged.eig_A.vectors
-        E = torch.zeros(merged.d_out, merged.d_in, dtype=G.dtype, device=G.device)
+        E = torch.zeros_like(merged.eigvals())
         for t in terms:
-            RG = (QG.T @ t.block.eig_G.vectors) ** 2
-            RA = (QA.T @ t.block.eig_A.vectors) ** 2
-            E = E + t.coef * (RG @ t.block.eigvals() @ RA.T)
+            RG = (QG.mT @ t.block.eig_G.vectors) ** 2
+            RA = (QA.mT @ t.block.eig_A.vectors) ** 2
+            E = E + t.coef * (RG @ t.block.eigvals() @ RA.mT)
         merged = merged.with_eigenvalues(E)
     return Term(1.0, merged)

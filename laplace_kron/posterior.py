@@ -30,6 +30,7 @@ from . import io
 from .constants import LIKELIHOODS, POSTERIOR_CURVATURES
 from .curvature import CurvatureFitter, CurvatureOptions, LayerSpec
 from .kron import DiagBlock, KronBlock, KronCurvature, add_curvatures, per_block
+from .kron_groups import make_block
 from .spectrum import Spectrum
 from .validation import Checked, flat_vector, positive, positive_int
 
@@ -438,7 +439,7 @@ def _parse_block(b: dict) -> KronBlock | DiagBlock:
     """Inverse of :func:`_block_state`, validated (ValueError for a malformed entry)."""
     names, shapes = list(b["param_names"]), [torch.Size(s) for s in b["param_shapes"]]
     if "diag" not in b:
-        return KronBlock(b["G"], b["A"], names, shapes, bool(b["bias_joint"]), b["eigenvalues"])
+        return make_block(b["G"], b["A"], names, shapes, bool(b["bias_joint"]), b["eigenvalues"])
     extra = sorted(set(b) - {"diag", "param_names", "param_shapes"})
     if extra:
         raise ValueError(f"diagonal block {names} has Kronecker entries {extra}")

@@ -25,7 +25,30 @@ from .curvature import batches
 from .curvature.batches import BatchSizeFn, Inputs
 from .posterior import KronPosterior
 
-__all__ = ["check_differentiable", "check_predictable", "parameter_sample_outputs"]
+__all__ = [
+    "check_at_mean",
+    "check_differentiable",
+    "check_predictable",
+    "parameter_sample_outputs",
+]
+
+
+def check_at_mean(la: KronPosterior) -> None:
+    """Warn when the model's parameters are not the posterior mean (the GLM linearises at the
+    model's current parameters)."""
+    params = dict(la.model.named_parameters())
+    start = 0
+    for n in la.param_names:
+        p = params[n]
+        k = p.numel()
+        if not torch.equal(p.detach().reshape(-1), la.mean[start : start + k].to(p.device)):
+            warnings.warn(
+                f"the model's parameter {n!r} differs from the posterior mean it was fitted at; the "
+                "predictive linearizes at the model's current parameters",
+                stacklevel=4,
+            )
+            return
+        start += k
 
 
 def check_predictable(post: KronPosterior) -> None:

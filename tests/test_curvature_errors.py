@@ -101,9 +101,12 @@ def test_bad_options():
         lk.kfac(MLP(), _data(), "classification", modules="first_layer")
     with pytest.raises(ValueError, match=r"\(inputs, targets\) pairs"):
         lk.kfac(MLP(), [torch.randn(3, 4)], "classification")
-    conv = nn.Sequential(nn.Conv2d(2, 2, 3, groups=2), nn.Flatten())  # diagonal blocks
+    conv = nn.Sequential(nn.Conv2d(2, 2, 3, groups=2), nn.Flatten())  # a block per group
     curv = lk.kfac(conv, [(torch.randn(2, 2, 3, 3), torch.zeros(2, 2))], "regression")
-    assert [type(b).__name__ for b in curv.blocks] == ["DiagBlock"] * 2
+    assert [type(b).__name__ for b in curv.blocks] == ["GroupedKronBlock"]
+    conv = nn.Sequential(nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"), nn.Flatten())
+    curv = lk.kfac(conv, [(torch.randn(2, 2, 3, 3), torch.zeros(2, 18))], "regression")
+    assert [type(b).__name__ for b in curv.blocks] == ["DiagBlock"] * 2  # diagonal blocks
 
 
 def test_train_mode_dropout_warns():

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from _dense import CNN, MLP, make_data
+from torch import nn
 
 import laplace_kron as lk
 from laplace_kron import KronLaplace
@@ -64,6 +65,16 @@ def _emb_problem():
     ).eval()
     g = torch.Generator().manual_seed(3)
     return model, torch.randint(0, 11, (N, 4), generator=g), torch.randint(0, 3, (N,), generator=g)
+
+
+def _grouped_problem():
+    """A depthwise convolution: one Kronecker block per group (factors [2, d, d])."""
+    torch.manual_seed(2)
+    model = nn.Sequential(
+        nn.Conv2d(2, 2, 3, groups=2), nn.Tanh(), nn.Flatten(), nn.Linear(32, 2)
+    ).eval()
+    x, y = make_data("regression", N, 2, x_shape=(2, 6, 6), seed=4)
+    return model, x, y
 
 
 def _batches(x, y, size):
@@ -147,6 +158,9 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         # rank 1 has no data at all
         empty = _batches(x, y, 7) if rank == 0 else []
         res["mlp_ekfac_empty_rank"] = _summary(lk.ekfac(model, empty, "classification", "exact"))
+        gm, xg, yg = _grouped_problem()
+        empty_g = _batches(xg, yg, 7) if rank == 0 else []
+        res["grouped_ekfac_empty_rank"] = _summary(lk.ekfac(gm, empty_g, "regression", "exact"))
         # MC Fisher: per-rank streams, reproducible from the user's seed
         mc = [
             lk.ekfac(
@@ -318,9 +332,12 @@ def test_two_ranks_equal_one_process(ranks):
             errs[f"emb_{kind}_r{r}"] = _check(res[f"emb_{kind}"], ref_emb)
             if kind == "ekfac":
                 errs[f"emb_empty_rank_r{r}"] = _check(res["emb_ekfac_empty_rank"], ref_emb)
+    gm, xg, yg = _grouped_problem()
+    ref_g = lk.ekfac(gm, _batches(xg, yg, 7), "regression", "exact")
     for r, res in enumerate(ranks):
         errs[f"cnn_ekfac_reduce_sep_r{r}"] = _check(res["cnn_ekfac_reduce_sep"], ref)
         errs[f"mlp_ekfac_empty_rank_r{r}"] = _check(res["mlp_ekfac_empty_rank"], ref_e)
+        errs[f"grouped_ekfac_empty_rank_r{r}"] = _check(res["grouped_ekfac_empty_rank"], ref_g)
     print("max relative differences 2 ranks vs 1 process:", errs)
 
 

@@ -27,6 +27,7 @@ RANKS: dict[str, int] = {
     "diagblock": 2,
     "kron": 2,
     "factors": 2,
+    "kron_groups": 2,
     "curvature.": 3,  # the curvature package's modules
     "curvature": 4,  # its __init__
     "posterior": 5,

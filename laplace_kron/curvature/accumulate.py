@@ -48,6 +48,7 @@ from .batches import (
     mask_padding,
 )
 from .capture import Capture, LayerSpec, Workspace, native_to_weight_order
+from .convs import grouped_sq, rotate_groups
 from .diag_sums import DiagonalSums
 from .embedding import add_counts, token_mask, token_sq_sums
 from .gram import gram_lower_, mirror_, per_example_sq
@@ -230,7 +231,10 @@ class FactorAccumulator:
         return {
             li
             for li, spec in enumerate(self.specs)
-            if len(spec.outputs) == 1 and spec.outputs[0] is f and not spec.embedding
+            if len(spec.outputs) == 1
+            and spec.outputs[0] is f
+            and (spec.kind == "linear_t" or not spec.transposed)  # no embedding, no conv_t
+            and spec.groups == 1
         }
 
     def _closed_form_G(self, b: FitBatch) -> set[int]:
@@ -274,6 +278,12 @@ class FactorAccumulator:
             scale = 1.0 / T
         else:
             rows, scale = a.mean(dim=1), 1.0
+        groups = self.specs[li].groups
+        if groups > 1:  # one factor per group: [g, i, i] (kron_groups.py)
+            R = (a.reshape(-1, d) if rows is None else rows).unflatten(-1, (groups, -1))
+            S = torch.einsum("mgi,mgj->gij", R, R)
+            A_sum[li] = S.mul_(scale) if A_sum[li] is None else A_sum[li].add_(S, alpha=scale)
+            return
         if A_sum[li] is None:
             A_sum[li] = a.new_zeros(d, d)
         if rows is None:
@@ -292,6 +302,13 @@ class FactorAccumulator:
         for KFAC-reduce)."""
         G_sum = self.state.G_sum
         T, d = g.shape[2], g.shape[3]
+        groups = self.specs[li].groups
+        if groups > 1:  # one factor per group: [g, o, o]
+            x = g.sum(dim=2) if self.options.weight_sharing == "reduce" else g
+            R = x.reshape(-1, groups, d // groups)
+            S = torch.einsum("mgi,mgj->gij", R, R)
+            G_sum[li] = S if G_sum[li] is None else G_sum[li].add_(S)
+            return
         if G_sum[li] is None:
             G_sum[li] = g.new_zeros(d, d)
         if self.options.weight_sharing == "reduce":
@@ -354,12 +371,16 @@ class FactorAccumulator:
                     for li, g in enumerate(grads):
                         if li in closed:
                             continue
+                        groups = self.specs[li].groups
                         for j, b in enumerate(bases[li]):
-                            gr, r = g @ b.eig_G.vectors, rotated[li][j]
+                            r = rotated[li][j]
                             if spec_is_embedding[li]:  # r: the token indices (Q_A = I)
-                                sq = token_sq_sums(r, gr, b.d_in)
+                                sq = token_sq_sums(r, g @ b.eig_G.vectors, b.d_in)
+                            elif groups > 1:
+                                gh = rotate_groups(g, b.eig_G.vectors)
+                                sq = grouped_sq(r, gh, groups)
                             else:
-                                sq = per_example_sq(r, gr)
+                                sq = per_example_sq(r, g @ b.eig_G.vectors)
                             corr[li][j] = corr[li][j] + sq
         return corr
 
@@ -367,10 +388,13 @@ class FactorAccumulator:
         """``a Q_A`` for native-order inputs ``a [B, T, d]``: the eigenbasis rows are permuted to
         the native column order instead of the inputs to the weight order."""
         B, T, d = a.shape
+        groups = self.specs[li].groups
         if block.A is None:  # a bias-only block sees the constant input 1 at every position
-            return a.new_ones(B, T, 1)
+            return a.new_ones(B, T, groups)
         if self.specs[li].embedding:  # token indices in the basis Q_A = I: unchanged
             return a
+        if groups > 1:  # weight-order rows, one run of columns per group
+            return rotate_groups(a, block.eig_A.vectors)
         Q = block.eig_A.vectors
         idx = self._orders[li]
         if idx is not None:

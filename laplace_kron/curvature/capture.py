@@ -2,7 +2,9 @@
 
 Each covered layer is seen as ``y = W a + b`` applied at ``T`` shared positions per datum:
 ``T = prod`` of the middle axes for ``nn.Linear`` on ``[B, ..., D]`` and the number of output
-pixels for convolutions (whose inputs are unfolded into patches ``[B, T, C_in * prod(k)]``).
+pixels for convolutions (whose inputs are unfolded into patches ``[B, T, C_in * prod(k)]``; a
+transposed convolution's positions are its input pixels and its output-gradients are unfolded
+into output patches instead, :mod:`.convs`).
 A layer called several times in one forward pass (weight tying) contributes the positions of
 every call. The capture returns, per layer, inputs ``a [B, T, d_in]`` (with a trailing column of
 ones when the bias is treated jointly) and output-gradients ``g [K, B, T, d_out]`` for the ``K``
@@ -18,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .convs import CONV_TRANSPOSED, conv_input_rows, conv_output_rows, generic_layout
 from .selection import SUPPORTED_TYPES, LayerSpec, select_layers
 from .uses import UseRecorder, rows3
 
@@ -30,6 +33,7 @@ __all__ = [
     "native_patches",
     "join_use_gradients",
     "native_to_weight_order",
+    "output_rows",
     "unfold_input",
 ]
 
@@ -102,8 +106,9 @@ def native_patches(
     """
     if ones_column and workspace is None:
         raise ValueError("ones_column=True needs a workspace")
-    if isinstance(module, nn.Linear):
-        rows = x.reshape(x.shape[0], -1, x.shape[-1])
+    linear = isinstance(module, nn.Linear)
+    if linear or generic_layout(module):  # Conv3d, transposed, grouped convs: weight order
+        rows = x.reshape(x.shape[0], -1, x.shape[-1]) if linear else conv_input_rows(module, x)
         if not ones_column:
             return rows
         B, T, D = rows.shape
@@ -169,7 +174,7 @@ def native_to_weight_order(module: nn.Module) -> Tensor | None:
     The Kronecker factor of the weight view ``W.reshape(d_out, -1)`` in weight order is
     ``A_w = A_native[idx][:, idx]``.
     """
-    if isinstance(module, nn.Linear) or _channel_first(module):
+    if isinstance(module, nn.Linear) or generic_layout(module) or _channel_first(module):
         return None
     (kh, kw), _, _, _ = _conv_geometry(module)
     C = module.in_channels
@@ -190,6 +195,15 @@ def flatten_output(module: nn.Module | LayerSpec, y: Tensor) -> Tensor:
     if linear:
         return rows3(y)
     return y.flatten(2).transpose(1, 2)
+
+
+def output_rows(module: nn.Module, g: Tensor, x: Tensor) -> Tensor:
+    """A module call's output-gradient ``[B, ...]`` -> ``[B, T, d_out]`` (``x``: the call's
+    input): :func:`flatten_output` (a view of a convolution's channel-first tensor), or the
+    unfolded output patches of a transposed convolution (:func:`conv_output_rows`)."""
+    if isinstance(module, CONV_TRANSPOSED):
+        return conv_output_rows(module, g, x.shape[2:])
+    return flatten_output(module, g)
 
 
 def _cat_uses(parts: list[Tensor], lead: int = 0) -> Tensor:
@@ -318,6 +332,12 @@ class Capture:
             out = workspace.get((spec.name, "rows"), (*a.shape[:2], a.shape[2] + 1), a, fill=1.0)
             out[..., :-1].copy_(a)
             return out
+        if spec.groups > 1:  # [B, T, g (i + 1)]: a ones column per group (convs.py)
+            a = _cat1([conv_input_rows(spec.module, x) for x in spec.inputs])
+            if not ones:
+                return a
+            a = a.unflatten(-1, (spec.groups, -1))
+            return torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1).flatten(-2)
         if native and workspace is not None:
             parts = [
                 native_patches(spec.module, x, workspace, (spec.name, i), ones)
@@ -375,8 +395,12 @@ class Capture:
                 c = len(spec.outputs)
                 if spec.by_use:
                     g = join_use_gradients(spec, grads[start : start + c])
-                elif isinstance(spec.module, nn.Linear):
-                    g = _cat1([flatten_output(spec.module, grads[start + i]) for i in range(c)])
+                elif isinstance(spec.module, (nn.Linear, *CONV_TRANSPOSED)):
+                    rows = [
+                        output_rows(spec.module, grads[start + i], x)
+                        for i, x in enumerate(spec.inputs)
+                    ]
+                    g = _cat1(rows)
                 else:
                     parts = [grads[start + i].flatten(2) for i in range(c)]
                     g = (parts[0] if c == 1 else torch.cat(parts, dim=2)).transpose(1, 2)

@@ -28,6 +28,7 @@ from .batches import (
     warn_if_train_mode,
 )
 from .capture import Capture
+from .convs import grouped_sq
 from .diagonal import DiagonalGradients, example_cotangents
 from .gram import per_example_sq
 from .likelihoods import check_likelihood, output_gradient_vectors
@@ -96,7 +97,10 @@ def fit_diagonal(
                 other_sums = {n: v + other_sums[n] if other_sums else v for n, v in sq.items()}
         with torch.no_grad():
             for li, (spec, a, g) in enumerate(zip(specs, inputs, grads)):
-                if spec.has_weight:
+                if spec.has_weight and spec.groups > 1:
+                    sq = grouped_sq(a, g, spec.groups, DIAG_CHUNK)  # [g, o, i (+1)]
+                    sums[li] = sq if sums[li] is None else sums[li] + sq
+                elif spec.has_weight:
                     sq = per_example_sq(a, g, DIAG_CHUNK)
                     sums[li] = sq if sums[li] is None else sums[li] + sq
                 if spec.has_bias and not spec.joint:
@@ -108,8 +112,8 @@ def fit_diagonal(
     diag: dict[str, Tensor] = dict(other_sums)
     for spec, sq, bsq in zip(specs, sums, bias_sums):
         if spec.joint:
-            diag[spec.weight_name] = sq[:, :-1].reshape(named[spec.weight_name].shape)
-            diag[spec.bias_name] = sq[:, -1].reshape(named[spec.bias_name].shape)
+            diag[spec.weight_name] = sq[..., :-1].reshape(named[spec.weight_name].shape)
+            diag[spec.bias_name] = sq[..., -1].reshape(named[spec.bias_name].shape)
             continue
         if spec.has_weight:
             sq = sq.mT if spec.transposed else sq  # a weight stored [d_in, d_out]

@@ -10,8 +10,9 @@ import torch
 from torch import Tensor, nn
 
 from ..kron import KronBlock
+from .convs import CONV_TRANSPOSED
 
-SUPPORTED_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
+SUPPORTED_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, *CONV_TRANSPOSED)
 
 __all__ = [
     "SUPPORTED_TYPES",
@@ -63,8 +64,10 @@ class LayerSpec:
     @property
     def transposed(self) -> bool:
         """The weight is stored ``[d_in, d_out]`` (its Kronecker block is ``A (x) G`` in the
-        parameter's own ``p.flatten()`` order: stored as ``KronBlock(G=A, A=G)``)."""
-        return self.kind in ("linear_t", "embedding")
+        parameter's own ``p.flatten()`` order: stored as ``KronBlock(G=A, A=G)``): a
+        ``"linear_t"`` use, an embedding, or a transposed convolution (``[C_in, C_out prod(k)]``,
+        :mod:`.convs`)."""
+        return self.kind in ("linear_t", "embedding") or isinstance(self.module, CONV_TRANSPOSED)
 
     @property
     def embedding(self) -> bool:
@@ -77,21 +80,34 @@ class LayerSpec:
         return getattr(self.module, "padding_idx", None) if self.embedding else None
 
     @property
+    def groups(self) -> int:
+        """Groups of a grouped convolution (factors ``[groups, d, d]``, ``d_out`` and ``d_in``
+        per group: :mod:`laplace_kron.kron_groups`); 1 otherwise."""
+        return 1 if self.by_use else getattr(self.module, "groups", 1)
+
+    def factor_shape(self, d: int) -> tuple[int, ...]:
+        """Shape of a ``d x d`` factor: ``(groups, d, d)`` for a grouped convolution."""
+        return (self.groups, d, d) if self.groups > 1 else (d, d)
+
+    @property
     def d_out(self) -> int:
+        """Output size of the weight matrix view (per group)."""
         if self.by_use:
             return self.weight.shape[1 if self.transposed else 0]
         m = self.module
-        return m.out_features if isinstance(m, nn.Linear) else m.out_channels
+        if isinstance(m, CONV_TRANSPOSED):  # an output patch: C_out prod(k)
+            return m.weight[0].numel()
+        return m.out_features if isinstance(m, nn.Linear) else m.out_channels // m.groups
 
     @property
     def d_in(self) -> int:
-        """Input size of the weight matrix view (without the bias column)."""
+        """Input size of the weight matrix view (per group, without the bias column)."""
         if self.by_use:
             return self.weight.shape[0 if self.transposed else 1]
         m = self.module
         if isinstance(m, nn.Linear):
             return m.in_features
-        return m.weight[0].numel()
+        return m.in_channels if isinstance(m, CONV_TRANSPOSED) else m.weight[0].numel()
 
     def standard_block(self, block: KronBlock) -> KronBlock:
         """``block`` with the output factor in the ``G`` slot and the input factor in ``A``
@@ -149,13 +165,16 @@ def _functional_linears(named: list[tuple[str, nn.Module]]) -> set[int]:
 
 
 def _kron_capable(m: nn.Module, functional: set[int]) -> bool:
-    """A supported layer called as a module; convolutions with ``groups > 1``, a non-zero
-    ``padding_mode`` or string padding get diagonal blocks instead."""
+    """A supported layer called as a module; convolutions with a non-zero ``padding_mode`` or
+    string padding and grouped transposed convolutions get diagonal blocks instead (as does the bias of a
+    transposed convolution, which :func:`select_coverage` leaves out of its spec)."""
     if not isinstance(m, SUPPORTED_TYPES) or id(m) in functional:
         return False
     if isinstance(m, nn.Linear):
         return True
-    return m.groups == 1 and m.padding_mode == "zeros" and not isinstance(m.padding, str)
+    if isinstance(m, CONV_TRANSPOSED) and m.groups > 1:
+        return False
+    return m.padding_mode == "zeros" and not isinstance(m.padding, str)
 
 
 def select_layers(
@@ -177,7 +196,8 @@ def select_coverage(
     """Resolve ``modules`` into Kronecker layers and diagonal-block parameters.
 
     ``None`` covers every trainable parameter: the weight and bias of a supported layer
-    (nn.Linear, nn.Conv1d, nn.Conv2d whose forward is called) get Kronecker blocks, every other
+    (nn.Linear, nn.Conv1d/2d/3d, nn.ConvTranspose1d/2d/3d whose forward is called; a transposed
+    convolution's bias excepted) get Kronecker blocks, every other
     parameter a diagonal block. ``"last_layer"`` covers the last supported layer only. A list
     selects modules by name or object and covers every trainable parameter in their subtrees, in
     the same way (Kronecker for supported layers, diagonal elsewhere). Parameters with
@@ -208,8 +228,8 @@ def select_coverage(
         sup = [(n, m) for n, m in with_params if _kron_capable(m, functional)]
         if not sup:
             raise ValueError(
-                "modules='last_layer': the model has no supported layer (nn.Linear, nn.Conv1d, "
-                "nn.Conv2d called as a module)"
+                "modules='last_layer': the model has no supported layer (nn.Linear, "
+                "nn.Conv1d/2d/3d, nn.ConvTranspose1d/2d/3d called as a module)"
             )
         chosen = [sup[-1]]
     else:
@@ -249,6 +269,11 @@ def select_coverage(
         prefix = f"{n}." if n else ""
         w = prefix + "weight" if _trainable(m.weight) else None
         b = prefix + "bias" if _trainable(getattr(m, "bias", None)) else None
+        if isinstance(m, CONV_TRANSPOSED):
+            # Its bias is added per output position, not per input position (.convs): diagonal.
+            if w is None:
+                continue
+            b = None
         if w is None and b is None:
             raise ValueError(f"layer {n!r} has no trainable parameters")
         specs.append(

@@ -23,6 +23,7 @@ from torch import Tensor
 from .. import distributed as dist_utils
 from ..io import reading
 from ..kron import DiagBlock, KronBlock, KronCurvature
+from ..kron_groups import make_block
 from .batches import fingerprint
 from .capture import LayerSpec
 from .gram import mirror_
@@ -102,7 +103,8 @@ class FitState:
     def mirror(self) -> None:
         """Complete the factor sums from their accumulated lower block triangles (idempotent)."""
         for t in self.A_sum + self.G_sum:
-            if t is not None and t.ndim == 2:  # an embedding's A_sum is a diagonal [V]
+            # an embedding's A_sum is a diagonal [V]; grouped [g, d, d] sums are accumulated whole
+            if t is not None and t.ndim == 2:
                 mirror_(t)
 
     # ------------------------------------------------------------------------- checkpoints
@@ -149,7 +151,8 @@ class FitState:
                 raise ValueError(f"{key} must be a list of {n} entries (one per covered layer)")
         A = [_tensor(t, dev, "A_sum", a_shape(s)) for t, s in zip(state["A_sum"], self.specs)]
         G = [
-            _tensor(t, dev, "G_sum", (s.d_out, s.d_out)) for t, s in zip(state["G_sum"], self.specs)
+            _tensor(t, dev, "G_sum", s.factor_shape(s.d_out))
+            for t, s in zip(state["G_sum"], self.specs)
         ]
         E = [None if e is None else [_tensor(t, dev, "E_sum") for t in e] for e in state["E_sum"]]
         D = self._load_diag(state.get("D_sum", [] if not self.diag else None), dev)
@@ -218,7 +221,7 @@ class FitState:
             if spec.has_weight and self.A_sum[li] is None:
                 self.A_sum[li] = torch.zeros(a_shape(spec), **kw)
             if self.G_sum[li] is None:
-                self.G_sum[li] = torch.zeros(spec.d_out, spec.d_out, **kw)
+                self.G_sum[li] = torch.zeros(spec.factor_shape(spec.d_out), **kw)
         for i, shape in enumerate(self.diag.values()):
             if self.D_sum[i] is None:
                 self.D_sum[i] = torch.zeros(shape, **kw)
@@ -240,9 +243,7 @@ class FitState:
         if self.distributed:
             for li, layer in enumerate(bases):
                 if self.E_sum[li] is None:
-                    self.E_sum[li] = [
-                        torch.zeros(b.d_out, b.d_in, dtype=b.dtype, device=b.device) for b in layer
-                    ]
+                    self.E_sum[li] = [torch.zeros_like(b.eigvals()) for b in layer]
             dist_utils.all_reduce_sum_([e for es in self.E_sum for e in es] + [count])
         n2 = int(round(count.item()))
         if n2 != self.num_data:
@@ -272,18 +273,18 @@ class FitState:
                     )
             if spec.joint:
                 names = [spec.weight_name, spec.bias_name]
-                out.append([KronBlock(G, A, names, [shapes[n] for n in names], True)])
+                out.append([make_block(G, A, names, [shapes[n] for n in names], True)])
                 continue
             layer = []
             if spec.has_weight:
                 w = spec.weight_name
                 # A weight stored [d_in, d_out]: A (x) G in its own p.flatten() order.
                 F1, F2 = (A, G) if spec.transposed else (G, A)
-                layer.append(KronBlock(F1, F2, [w], [shapes[w]]))
+                layer.append(make_block(F1, F2, [w], [shapes[w]]))
             if spec.has_bias:
                 # The bias input is the constant 1, so its A factor is 1 (expand and reduce).
                 b = spec.bias_name
-                layer.append(KronBlock(G, None, [b], [shapes[b]]))
+                layer.append(make_block(G, None, [b], [shapes[b]]))
             out.append(layer)
         return out
 
@@ -330,9 +331,10 @@ class FitState:
 
 
 def a_shape(spec: LayerSpec) -> tuple[int, ...]:
-    """Shape of a layer's ``A_sum``: ``[d_in (+1)]^2``, or ``[V]`` (diagonal) for an embedding."""
+    """Shape of a layer's ``A_sum``: ``[d_in (+1)]^2`` (per group ``[g, d, d]`` for a grouped
+    convolution), or ``[V]`` (diagonal) for an embedding."""
     d = spec.d_in + int(spec.joint)
-    return (d,) if spec.embedding else (d, d)
+    return (d,) if spec.embedding else spec.factor_shape(d)
 
 
 def _tensor(t: object, device: torch.device, key: str, shape: tuple[int, ...] | None = None):

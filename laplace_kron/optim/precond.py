@@ -25,11 +25,16 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from ..curvature.capture import SUPPORTED_TYPES, select_layers
+from ..curvature.capture import select_layers
+from ..curvature.convs import generic_layout
 from ..validation import check_number, positive, positive_int
 from .layer import Batch, Layer, LayerCurvature, Record
 
 __all__ = ["EKFAC", "KFAC", "KroneckerPreconditioner"]
+
+# The layers the preconditioners cover (the posterior's Conv3d, transposed and grouped
+# convolutions are not).
+SUPPORTED_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
 
 def _default_modules(model: nn.Module) -> list[str]:
@@ -37,7 +42,9 @@ def _default_modules(model: nn.Module) -> list[str]:
     names = [
         n
         for n, m in model.named_modules()
-        if isinstance(m, SUPPORTED_TYPES) and any(p.requires_grad for p in m.parameters(False))
+        if isinstance(m, SUPPORTED_TYPES)
+        and not generic_layout(m)  # grouped convolutions keep their plain gradient
+        and any(p.requires_grad for p in m.parameters(False))
     ]
     if not names:
         raise ValueError(
@@ -79,7 +86,16 @@ class KroneckerPreconditioner:
         self.update_freq = positive_int("update_freq", update_freq)
         if modules is None:
             modules = _default_modules(model)
-        self.layers = [Layer(spec, sua) for spec in select_layers(model, modules)]
+        specs = select_layers(model, modules)
+        for spec in specs:
+            if generic_layout(spec.module):
+                raise ValueError(
+                    f"layer {spec.name!r} ({type(spec.module).__name__}): the KFAC / EKFAC "
+                    "preconditioners cover nn.Linear, nn.Conv1d and nn.Conv2d (groups=1) only; leave it "
+                    "out of modules=[...] (its parameters then keep their plain "
+                    "gradient)"
+                )
+        self.layers = [Layer(spec, sua) for spec in specs]
         covered = {id(p) for layer in self.layers for p in (layer.weight, layer.bias)}
         self.uncovered = [
             n for n, p in model.named_parameters() if p.requires_grad and id(p) not in covered
