@@ -26,6 +26,8 @@ RANKS: dict[str, int] = {
     "metrics": 1,
     "diagblock": 2,
     "kron": 2,
+    "block_state": 2,
+    "output_noise": 2,
     "curvature.": 3,  # the curvature package's modules
     "curvature": 4,  # its __init__
     "posterior": 5,

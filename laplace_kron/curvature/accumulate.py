@@ -110,6 +110,8 @@ class FactorAccumulator:
             return
         with Capture(self.specs) as cap:
             b = self._forward(x, y, i)
+            if self.state.outputs is not None:
+                self.state.outputs.check_outputs(b.f)
             if not self._uses_checked:
                 self._check_uses(cap, b)
             with torch.no_grad():
@@ -118,11 +120,11 @@ class FactorAccumulator:
                         self._add_A(li, self._inputs(cap, spec, b.num_data), b.positions)
             closed = self._closed_form_G(b)
             # One output-gradient vector at a time: G needs only sums over vectors.
-            for grads in self._output_gradients(cap, b, x):
+            for k, grads in enumerate(self._output_gradients(cap, b, x)):
                 with torch.no_grad():
                     for li, g in enumerate(grads):
                         if li not in closed:
-                            self._add_G(li, g)
+                            self._add_G(li, g, k)
         self._add_loss(b)
 
     def _check_uses(self, cap: Capture, b: FitBatch) -> None:
@@ -161,6 +163,8 @@ class FactorAccumulator:
             st.n_outputs = b.f.shape[1]
             st.num_data += b.num_data
             st.n_observed += b.observed()
+            if st.outputs is not None:
+                st.outputs.add_sse(b.f, b.y, b.keep)
 
     def _output_gradients(self, cap: Capture, b: FitBatch, x=None) -> Iterator[list[Tensor]]:
         """Per output-gradient vector, the layers' output-gradients ``[1, N, T, d_out]`` (grouped
@@ -195,10 +199,17 @@ class FactorAccumulator:
             return
         self._diag.check_mode()
         exact = self.options.fisher == "exact"
-        per_datum = example_cotangents(vectors.detach(), num_data, separate_rows=exact)
-        with cap.paused():
-            sums = self._diag.squared_sums(to_device(x, self.state.device), per_datum)
-        self.state.add_diag(sums)
+        x = to_device(x, self.state.device)
+        outputs = self.state.outputs
+        # Per-output sums (per-output noise: vector k is e_k) need one call per vector.
+        parts = [vectors] if outputs is None else [vectors[k : k + 1] for k in range(len(vectors))]
+        for k, v in enumerate(parts):
+            per_datum = example_cotangents(v.detach(), num_data, separate_rows=exact)
+            with cap.paused():
+                sums = self._diag.squared_sums(x, per_datum)
+            self.state.add_diag(sums)
+            if outputs is not None:
+                outputs.add_D(k, sums)
 
     def _output_layers(self, f: Tensor) -> set[int]:
         """Layers whose output *is* the network output ``f``, when the exact Fisher makes their
@@ -223,6 +234,8 @@ class FactorAccumulator:
             for li in done:
                 H = loss_hessian_sum(f, self.likelihood)
                 G_sum[li] = H if G_sum[li] is None else G_sum[li].add_(H)
+                if self.state.outputs is not None:  # H = sum_c e_c e_c^T per row
+                    self.state.outputs.add_identity(li, f.shape[0])
         return done
 
     def _add_A(self, li: int, a: Tensor, positions: Tensor | None = None) -> None:
@@ -266,22 +279,31 @@ class FactorAccumulator:
             mirror_(S)
             A_sum[li].add_(S[idx][:, idx], alpha=scale)
 
-    def _add_G(self, li: int, g: Tensor) -> None:
+    def _add_G(self, li: int, g: Tensor, k: int = 0) -> None:
         """Add ``sum g g^T`` of one batch, ``g [K, B, T, d_out]`` (summed over positions first
-        for KFAC-reduce)."""
+        for KFAC-reduce), of output-gradient vector ``k`` (also to output ``k``'s per-output
+        sum when those are kept)."""
         G_sum = self.state.G_sum
-        T, d = g.shape[2], g.shape[3]
+        d = g.shape[3]
         if G_sum[li] is None:
             G_sum[li] = g.new_zeros(d, d)
+        targets = [G_sum[li]]
+        if self.state.outputs is not None:
+            targets.append(self.state.outputs.G[li][k])
+        for target in targets:
+            self._gram_G(target, g)
+
+    def _gram_G(self, target: Tensor, g: Tensor) -> None:
+        T, d = g.shape[2], g.shape[3]
         if self.options.weight_sharing == "reduce":
-            gram_lower_(G_sum[li], g.sum(dim=2).reshape(-1, d), 1.0)
+            gram_lower_(target, g.sum(dim=2).reshape(-1, d), 1.0)
         elif T == 1 or g.is_contiguous():
-            gram_lower_(G_sum[li], g.reshape(-1, d), 1.0)
+            gram_lower_(target, g.reshape(-1, d), 1.0)
         else:
             # Convolution output-gradients are [B, T, C] views of channel-first tensors: a batched
             # product over examples avoids the transposing copy a single [B T, C] GEMM needs.
             g3 = g.flatten(0, 1)
-            G_sum[li].add_(torch.bmm(g3.mT, g3).sum(0))
+            target.add_(torch.bmm(g3.mT, g3).sum(0))
 
     # ------------------------------------------------------------------------- second pass
     def add_ekfac(self, x, y, bases: list[list[KronBlock]], i: int = 0) -> None:
@@ -318,6 +340,7 @@ class FactorAccumulator:
                     )
             corr: list[list[Tensor]] = [[0.0] * len(layer) for layer in bases]
             closed = self._output_layers(fc)
+            outputs = self.state.outputs
             with torch.no_grad():
                 for li in closed:  # one position per datum: E = sum_n diag(Q^T H_n Q) (x) r_n^2
                     for j, b in enumerate(bases[li]):
@@ -326,8 +349,13 @@ class FactorAccumulator:
                         )
                         if fb.keep is not None:  # unobserved rows add nothing
                             u = u * fb.keep
-                        corr[li][j] = u.T @ rotated[li][j][:, 0].square()
-            for grads in self._output_gradients(cap, fb):
+                        r2 = rotated[li][j][:, 0].square()
+                        corr[li][j] = u.T @ r2
+                        if outputs is not None:
+                            r2 = r2 if fb.keep is None else r2 * fb.keep
+                            n = len(bases[li])
+                            outputs.add_E_closed(li, j, b.eig_G.vectors, r2.sum(0), n)
+            for k, grads in enumerate(self._output_gradients(cap, fb)):
                 with torch.no_grad():
                     for li, g in enumerate(grads):
                         if li in closed:
@@ -335,6 +363,8 @@ class FactorAccumulator:
                         for j, b in enumerate(bases[li]):
                             sq = per_example_sq(rotated[li][j], g @ b.eig_G.vectors)
                             corr[li][j] = corr[li][j] + sq
+                            if outputs is not None:
+                                outputs.add_E(li, j, k, sq, len(bases[li]))
         return corr
 
     def _rotate_inputs(self, li: int, j: int, a: Tensor, block: KronBlock) -> Tensor:

@@ -26,6 +26,7 @@ from ..kron import DiagBlock, KronBlock, KronCurvature
 from .batches import fingerprint
 from .capture import LayerSpec
 from .gram import mirror_
+from .per_output import OutputSums
 
 __all__ = ["FitState", "PASSES"]
 
@@ -65,6 +66,8 @@ class FitState:
         self.dtype, self.device = dtype, device
         self.generator = generator
         self.distributed = distributed
+        # C when per-output sums are kept (per-output regression noise), else None.
+        self.per_output: int | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -74,6 +77,10 @@ class FitState:
         self.G_sum: list[Tensor | None] = [None] * n
         self.E_sum: list[list[Tensor] | None] = [None] * n
         self.D_sum: list[Tensor | None] = [None] * len(self.diag)
+        self.outputs = None
+        if self.per_output:
+            args = (self.specs, self.diag, self.dtype, self.device)
+            self.outputs = OutputSums(self.per_output, *args)
         self.num_data = 0
         self.loss = 0.0
         self.sse = 0.0
