@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 
-import torch
 from torch import Tensor, nn
 
 from . import io, marglik, predictive
@@ -50,7 +49,7 @@ class KronLaplace(KronPosterior):
         """``log det Lambda = sum_l sum_ij log(c lambda_l,ij + delta_l)`` (float64)."""
         if self.output_factors is not None:  # per-output noise: the eigenvalues depend on it
             sigma = self.sigma_noise if sigma_noise is None else sigma_noise
-            w = noise_weights(torch.as_tensor(sigma).expand(self.output_factors.n_outputs))
+            w = noise_weights(sigma).expand(self.output_factors.n_outputs)
             deltas = self.block_deltas(prior_precision).double()
             return per_output_logdet(self.output_factors, w, deltas, 1.0 / self.temperature)
         c = self.precision_scale(sigma_noise)

@@ -86,7 +86,7 @@ def _per_output_evidence(post: KronPosterior, deltas: Tensor, sigma: Tensor | No
     :func:`~laplace_kron.output_noise.per_output_logdet` (differentiable in ``w = sigma^-2``)."""
     factors, spec = post.output_factors, post.spectrum()
     sigma = post.sigma_noise if sigma is None else sigma
-    w = noise_weights(torch.as_tensor(sigma).expand(factors.n_outputs))
+    w = noise_weights(sigma).expand(factors.n_outputs)
     logdet = per_output_logdet(factors, w, deltas, 1.0 / post.temperature)
     return -0.5 * (deltas * spec.sq).sum() + 0.5 * (spec.sizes * deltas.log()).sum() - 0.5 * logdet
 

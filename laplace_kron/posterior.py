@@ -4,11 +4,14 @@ Per block ``l`` the posterior precision is
 
     Lambda_l = H_l / (T * sigma^2) + delta_l * I        (regression)
     Lambda_l = H_l / T + delta_l * I                    (classification, binary)
+    Lambda_l = H_l(w) / T + delta_l * I                 (regression, per-output noise sigma_c)
 
 with ``H_l`` the KFAC / EKFAC curvature of the summed negative log-likelihood (stored for
 ``sigma = 1``), ``T`` the temperature and ``delta_l`` the prior precision (one scalar, or one per
 block). All operations act on the eigenvalues ``c * lambda + delta`` (``c = 1 / (T sigma^2)``), so
-changing ``delta`` or ``sigma`` never needs another pass over the data.
+changing ``delta`` or ``sigma`` never needs another pass over the data. With per-output noise
+(``sigma_noise [C]``, :mod:`laplace_kron.output_noise`) the fit keeps per-output factors and
+:attr:`curvature` is ``H(w) = sum_c w_c H_c``, ``w = sigma^-2``, rebuilt when ``sigma`` changes.
 
 :class:`KronPosterior` holds the hyperparameters, fits the curvature, and gives the posterior
 operators, the compressed spectrum and samples. The evidence and its tuning

@@ -331,3 +331,15 @@ def test_marglik_training_with_per_output_noise():
         fisher="exact",
     )
     assert la.sigma_noise.shape == (3,) and len(rep["refits"][-1]["sigma_noise"]) == 3
+
+
+def test_newton_prior_tuning_uses_the_noise_weighted_spectrum():
+    la, *_ = _mlp_fit("kfac", prior_precision=1.0)
+    la.optimize_prior_precision(optimizer="newton", tol=1e-12)
+    newton = float(la.prior_precision)
+    la.prior_precision = 1.0
+    la.optimize_prior_precision(optimizer="lbfgs", tol=1e-12, n_steps=500)
+    assert abs(float(la.prior_precision) - newton) < 1e-6 * newton
+    assert float(la.log_det_posterior_precision(sigma_noise=0.5)) == pytest.approx(
+        float(la.log_det_posterior_precision(sigma_noise=torch.full((3,), 0.5)))
+    )

@@ -49,6 +49,8 @@ class FitState:
         pass_name, next_batch, pass_data: the pass under way, the index of its next batch and the
             data points it has consumed (what a checkpoint resumes from).
         generator: the random stream of the MC Fisher (this rank's, when distributed).
+        per_output, outputs: ``C`` and the per-output sums (:class:`.per_output.OutputSums`) when
+            they are kept (per-output regression noise), else ``None``.
         distributed: whether the fit all-reduces across ranks.
     """
 
