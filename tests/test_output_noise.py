@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from _dense import MLP, jacobian, rel_err
+from _dense import CNN, MLP, jacobian, make_data, rel_err
 from scipy.optimize import minimize
 from torch import nn
 
@@ -299,10 +299,6 @@ def test_refusals():
         la.sigma_noise = torch.ones(4)
     with pytest.raises(ValueError, match="reset=False"):
         la.fit([(x, y)], reset=False)
-    with pytest.raises(ValueError, match="checkpoint"):
-        lk.KronLaplace(model, "regression", fisher="exact", sigma_noise=torch.ones(3)).fit(
-            [(x, y)], checkpoint="unused.pt"
-        )
     scalar = lk.KronLaplace(model, "regression", fisher="exact").fit([(x, y)])
     with pytest.raises(ValueError, match="before fitting"):
         scalar.sigma_noise = torch.ones(3)
@@ -342,4 +338,62 @@ def test_newton_prior_tuning_uses_the_noise_weighted_spectrum():
     assert abs(float(la.prior_precision) - newton) < 1e-6 * newton
     assert float(la.log_det_posterior_precision(sigma_noise=0.5)) == pytest.approx(
         float(la.log_det_posterior_precision(sigma_noise=torch.full((3,), 0.5)))
+    )
+
+
+class _Crash:
+    """Yields batches, raises after ``at`` batches over all passes."""
+
+    def __init__(self, batches, at):
+        self.batches, self.at, self.n = batches, at, 0
+
+    def __iter__(self):
+        for b in self.batches:
+            if self.n == self.at:
+                raise KeyboardInterrupt("simulated crash")
+            self.n += 1
+            yield b
+
+
+@pytest.mark.parametrize("at", [2, 6])  # in the KFAC pass, in the EKFAC pass
+def test_checkpointed_fit_resumes_exactly(tmp_path, at):
+    torch.manual_seed(0)
+    model = CNN(d_out=2).eval()
+    x, y = make_data("regression", 16, 2, x_shape=(2, 6, 6), seed=2)
+    batches = [(x[i : i + 4], y[i : i + 4]) for i in range(0, 16, 4)]
+    path = tmp_path / "fit.pt"
+
+    def la():
+        kw = {"fisher": "exact", "sigma_noise": torch.tensor([0.3, 0.9])}
+        return lk.KronLaplace(model, "regression", "ekfac", **kw)
+
+    with pytest.raises(KeyboardInterrupt):
+        la().fit(_Crash(batches, at), checkpoint=path, checkpoint_every=1)
+    resumed = la().fit(batches, checkpoint=path, checkpoint_every=1)
+    ref = la().fit(batches)
+    assert torch.equal(resumed.posterior_precision.to_dense(), ref.posterior_precision.to_dense())
+    assert torch.equal(resumed.log_marginal_likelihood(), ref.log_marginal_likelihood())
+    # A scalar-noise fit cannot resume a per-output checkpoint.
+    with pytest.raises(KeyboardInterrupt):
+        la().fit(_Crash(batches, 2), checkpoint=path, checkpoint_every=1)
+    with pytest.raises(ValueError, match="per-output sums"):
+        lk.KronLaplace(model, "regression", "ekfac", fisher="exact").fit(
+            batches, checkpoint=path, checkpoint_every=1
+        )
+
+
+@pytest.mark.parametrize("curvature", ["kfac", "ekfac"])
+@pytest.mark.parametrize("weight_sharing", ["expand", "reduce"])
+def test_convolutions_sum_of_outputs_is_the_scalar_fit(curvature, weight_sharing):
+    """Shared positions: sum_c H_c (sigma = 1 for every output) is the scalar fit's H."""
+    torch.manual_seed(0)
+    model = CNN(d_out=2).eval()
+    x, y = make_data("regression", 10, 2, x_shape=(2, 6, 6), seed=2)
+    kw = {"fisher": "exact", "weight_sharing": weight_sharing, "separate_bias": True}
+    per = lk.KronLaplace(model, "regression", curvature, sigma_noise=torch.ones(2), **kw)
+    per.fit([(x, y)])
+    ref = lk.KronLaplace(model, "regression", curvature, **kw).fit([(x, y)])
+    assert rel_err(per.posterior_precision.to_dense(), ref.posterior_precision.to_dense()) < 1e-12
+    assert float(per.log_marginal_likelihood()) == pytest.approx(
+        float(ref.log_marginal_likelihood()), rel=1e-12
     )

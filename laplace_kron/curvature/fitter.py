@@ -200,11 +200,6 @@ class CurvatureFitter:
         if kind not in POSTERIOR_CURVATURES:
             raise ValueError(f"kind must be one of {POSTERIOR_CURVATURES}, got {kind!r}")
         distributed = resolve_distributed(self.options.distributed)
-        if self.state.per_output and (distributed or checkpoint is not None):
-            raise ValueError(
-                "per-output noise sums are not checkpointed or all-reduced yet: fit without "
-                "checkpoint= on one rank (distributed=False), or use a scalar sigma_noise"
-            )
         ckpt = Checkpoint.make(checkpoint, checkpoint_every, distributed)
         self.reset()
         self.state.distributed = distributed

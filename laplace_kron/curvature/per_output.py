@@ -82,11 +82,56 @@ class OutputSums:
         for i, name in enumerate(self.diag_names):
             self.D[i][k] += sums[name]
 
-    def factors(self, curv: KronCurvature) -> OutputFactors:
-        """The :class:`~laplace_kron.output_noise.OutputFactors` of the fitted ``curv``."""
+    def mirror(self) -> None:
+        """Complete the ``G_c`` from their accumulated lower block triangles (idempotent)."""
         for G in self.G:
             for g in G:
                 mirror_(g)
+
+    # ------------------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict:
+        """The sums as lists of tensors (a checkpoint's ``"outputs"`` entry)."""
+        self.mirror()
+        E = [None if e is None else list(e) for e in self.E]
+        return {"G": list(self.G), "E": E, "D": list(self.D), "sse": self.sse.clone()}
+
+    def load(self, state: object, device: torch.device) -> None:
+        """Restore :meth:`state_dict` in place (ValueError if it does not fit these sums)."""
+        if not isinstance(state, Mapping) or set(state) != {"G", "E", "D", "sse"}:
+            raise ValueError("the per-output sums are malformed")
+        G, E, D, sse = state["G"], state["E"], state["D"], state["sse"]
+        if [tuple(t.shape) for t in G] != [tuple(t.shape) for t in self.G] or len(E) != len(self.E):
+            raise ValueError("the per-output sums do not match the covered layers / outputs")
+        if [tuple(t.shape) for t in D] != [tuple(t.shape) for t in self.D]:
+            raise ValueError("the per-output diagonal sums do not match the parameters")
+        if not isinstance(sse, Tensor) or sse.shape != (self.n_outputs,):
+            raise ValueError("the per-output sse does not match the outputs")
+        self.G = [t.to(device) for t in G]
+        self.E = [None if e is None else [t.to(device) for t in e] for e in E]
+        self.D = [t.to(device) for t in D]
+        self.sse = sse.to("cpu", torch.float64)
+
+    # ------------------------------------------------------------------------- data parallel
+    def kfac_tensors(self) -> list[Tensor]:
+        """What the KFAC pass all-reduces (SUM): ``G_c``, ``D_c`` and ``sse``."""
+        return [*self.G, *self.D, self.sse]
+
+    def ekfac_tensors(self, bases: Sequence[Sequence]) -> list[Tensor]:
+        """What the EKFAC pass all-reduces: ``E_c`` (zeros for a rank that saw no data)."""
+        for li, layer in enumerate(bases):
+            if self.E[li] is None:
+                self.E[li] = [None] * len(layer)
+            for j, b in enumerate(layer):
+                if self.E[li][j] is None:
+                    shape = (self.n_outputs, b.d_out, b.d_in)  # standard orientation
+                    if self.specs[li].transposed and b.A is not None:
+                        shape = (self.n_outputs, b.d_in, b.d_out)
+                    self.E[li][j] = torch.zeros(shape, dtype=b.dtype, device=b.device)
+        return [e for es in self.E for e in es]
+
+    def factors(self, curv: KronCurvature) -> OutputFactors:
+        """The :class:`~laplace_kron.output_noise.OutputFactors` of the fitted ``curv``."""
+        self.mirror()
         by_block: dict[tuple[str, ...], tuple[Tensor, str]] = {}
         for li, spec in enumerate(self.specs):
             E = self.E[li]

@@ -112,6 +112,8 @@ class FitState:
         for t in self.A_sum + self.G_sum:
             if t is not None:
                 mirror_(t)
+        if self.outputs is not None:
+            self.outputs.mirror()
 
     # ------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -131,6 +133,7 @@ class FitState:
             "sse": self.sse,
             "n_outputs": self.n_outputs,
             "n_observed": self.n_observed,
+            "outputs": None if self.outputs is None else self.outputs.state_dict(),
             "generator_state": None if self.generator is None else self.generator.get_state(),
         }
 
@@ -174,6 +177,14 @@ class FitState:
         n_obs = state.get("n_observed", counts["num_data"] * counts["n_outputs"])
         n_obs = _count(n_obs, "n_observed")
         loss, sse = float(state["loss"]), float(state["sse"])
+        outputs = state.get("outputs")  # absent in checkpoints of earlier versions
+        if (outputs is None) != (self.outputs is None):
+            raise ValueError(
+                "the checkpoint and this fit differ in keeping per-output sums (a sigma_noise "
+                "tensor): resume with the same sigma_noise shape or delete the checkpoint"
+            )
+        if self.outputs is not None:
+            self.outputs.load(outputs, dev)
         gen_state = state["generator_state"]
         if self.generator is not None:
             if not isinstance(gen_state, Tensor):
@@ -238,6 +249,8 @@ class FitState:
             [self.num_data, self.loss, self.sse, self.n_observed], dtype=torch.float64
         )
         factors = [t for t in self.A_sum if t is not None] + list(self.G_sum) + list(self.D_sum)
+        if self.outputs is not None:
+            factors += self.outputs.kfac_tensors()
         dist_utils.all_reduce_sum_([*factors, scalars])
         self.n_outputs = int(n_out.item())
         self.num_data = int(round(scalars[0].item()))
@@ -253,7 +266,8 @@ class FitState:
                     self.E_sum[li] = [
                         torch.zeros(b.d_out, b.d_in, dtype=b.dtype, device=b.device) for b in layer
                     ]
-            dist_utils.all_reduce_sum_([e for es in self.E_sum for e in es] + [count])
+            extra = [] if self.outputs is None else self.outputs.ekfac_tensors(bases)
+            dist_utils.all_reduce_sum_([e for es in self.E_sum for e in es] + extra + [count])
         n2 = int(round(count.item()))
         if n2 != self.num_data:
             raise ValueError(
