@@ -121,6 +121,8 @@ class KronLaplace(KronPosterior):
             raise ValueError(f"{name} is malformed: n_observed must be a non-negative integer")
         super().load_state_dict(state, name)
         self.curvature.n_observed = n_observed
+        if self.output_factors is not None:  # the per-output counts and later rebuilds use it
+            self.output_factors.base.n_observed = n_observed
         return self
 
     def save(self, path: str | os.PathLike) -> None:

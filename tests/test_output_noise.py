@@ -203,6 +203,9 @@ def test_mlp_precision_evidence_and_predictive_are_dense(curvature):
     mean, var = la.predict(xs)
     assert rel_err(var, fvar + sigma**2) < 1e-10
     assert rel_err(la.functional_variance(xs), fvar) < 1e-10
+    gen = torch.Generator().manual_seed(0)
+    _, var_mc = la.predict(xs, method="glm_mc", n_samples=20000, generator=gen)
+    assert rel_err(var_mc - sigma**2, fvar) < 0.05  # Monte Carlo: about sqrt(2 / n) = 1%
 
 
 def _dense_by_hand_autograd(model, x, w, delta, basis):
