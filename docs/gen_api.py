@@ -26,6 +26,8 @@ LAYERS = [
     "laplace_kron.distributed",
     "laplace_kron.diagblock",
     "laplace_kron.kron",
+    "laplace_kron.block_state",
+    "laplace_kron.output_noise",
     "laplace_kron.curvature",
     "laplace_kron.posterior",
     "laplace_kron.sampling",

@@ -16,6 +16,7 @@ from . import io, marglik, predictive
 from .constants import POSTERIOR_FORMAT
 from .kron import KronBlock, KronCurvature
 from .optim import EKFAC, KroneckerPreconditioner
+from .output_noise import noise_weights, per_output_logdet
 from .posterior import KronPosterior
 
 __all__ = ["KronLaplace"]
@@ -46,6 +47,11 @@ class KronLaplace(KronPosterior):
 
     def log_det_posterior_precision(self, prior_precision=None, sigma_noise=None) -> Tensor:
         """``log det Lambda = sum_l sum_ij log(c lambda_l,ij + delta_l)`` (float64)."""
+        if self.output_factors is not None:  # per-output noise: the eigenvalues depend on it
+            sigma = self.sigma_noise if sigma_noise is None else sigma_noise
+            w = noise_weights(sigma).expand(self.output_factors.n_outputs)
+            deltas = self.block_deltas(prior_precision).double()
+            return per_output_logdet(self.output_factors, w, deltas, 1.0 / self.temperature)
         c = self.precision_scale(sigma_noise)
         return self.spectrum().logdet(c, self.block_deltas(prior_precision))
 
@@ -115,6 +121,8 @@ class KronLaplace(KronPosterior):
             raise ValueError(f"{name} is malformed: n_observed must be a non-negative integer")
         super().load_state_dict(state, name)
         self.curvature.n_observed = n_observed
+        if self.output_factors is not None:  # the per-output counts and later rebuilds use it
+            self.output_factors.base.n_observed = n_observed
         return self
 
     def save(self, path: str | os.PathLike) -> None:

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from . import metrics
 from .constants import PRIOR_GRANULARITIES, TUNING_METHODS, TUNING_OPTIMIZERS
+from .output_noise import gaussian_log_likelihood, mackay_noise, noise_weights, per_output_logdet
 from .posterior import KronPosterior
 from .predictive import predict
 from .validation import positive, positive_int
@@ -51,6 +52,8 @@ def log_likelihood(post: KronPosterior, sigma_noise: Tensor | None = None) -> Te
     if post.likelihood != "regression":
         return torch.tensor(-curv.loss / post.temperature, dtype=torch.float64)
     sigma = post.sigma_noise if sigma_noise is None else sigma_noise
+    if post.output_factors is not None:  # per-output noise: sum over outputs
+        return gaussian_log_likelihood(post.output_factors, sigma, post.temperature)
     nd = curv.observed_targets
     return -0.5 * curv.sse / (sigma**2 * post.temperature) - nd * torch.log(
         sigma * math.sqrt(2 * math.pi)
@@ -71,9 +74,21 @@ def log_marginal_likelihood(post: KronPosterior, prior_precision=None, sigma_noi
     (default: the posterior's own). Only eigenvalues are touched: no pass over the data."""
     d = _as_positive("prior_precision", prior_precision)
     sigma = _as_positive("sigma_noise", sigma_noise)
-    c = post.precision_scale(sigma).to(torch.float64)
     deltas = post.block_deltas(d).to(torch.float64)
+    if post.output_factors is not None:
+        return log_likelihood(post, sigma) + _per_output_evidence(post, deltas, sigma)
+    c = post.precision_scale(sigma).to(torch.float64)
     return log_likelihood(post, sigma) + post.spectrum().log_evidence(c, deltas)
+
+
+def _per_output_evidence(post: KronPosterior, deltas: Tensor, sigma: Tensor | None) -> Tensor:
+    """:meth:`Spectrum.log_evidence` with per-output noise: ``log det(H(w) / T + delta)`` of
+    :func:`~laplace_kron.output_noise.per_output_logdet` (differentiable in ``w = sigma^-2``)."""
+    factors, spec = post.output_factors, post.spectrum()
+    sigma = post.sigma_noise if sigma is None else sigma
+    w = noise_weights(sigma).expand(factors.n_outputs)
+    logdet = per_output_logdet(factors, w, deltas, 1.0 / post.temperature)
+    return -0.5 * (deltas * spec.sq).sum() + 0.5 * (spec.sizes * deltas.log()).sum() - 0.5 * logdet
 
 
 def _initial(post: KronPosterior, granularity: str) -> Tensor:
@@ -142,7 +157,7 @@ def optimize_prior_precision(
     with torch.no_grad():
         report["log_marglik"] = float(log_marginal_likelihood(post))
     report["prior_precision"] = post.prior_precision.clone()
-    report["sigma_noise"] = float(post.sigma_noise)
+    report["sigma_noise"] = post.sigma_noise.tolist()  # a float, or one per output
     report["seconds"] = time.perf_counter() - t0
     report["method"] = method
     report["optimizer"] = optimizer if method == "marglik" else None
@@ -246,16 +261,26 @@ def _mackay(post: KronPosterior, granularity, n_steps, tune_sigma, tol) -> dict:
     N_out = curv.observed_targets
     converged = False
     it = 0
+    factors = post.output_factors
     for step in range(1, n_steps + 1):
         it = step
-        gamma = spec.effective_parameters(
-            float(post.precision_scale(sigma)), post.block_deltas(delta)
-        )
+        if factors is None:
+            c = float(post.precision_scale(sigma))
+            gamma = spec.effective_parameters(c, post.block_deltas(delta))
+        else:  # per-output noise: gamma per block and per output from H(w)
+            s = 1.0 / post.temperature
+            gamma, gamma_out = factors.effective_parameters(
+                noise_weights(sigma), post.block_deltas(delta), s
+            )
         new = gamma.sum() / sq.sum() if granularity == "scalar" else gamma / sq
         new = new.clamp_min(1e-12)
         change = float(((new - delta).abs() / delta).max())
         delta = new
-        if tune_sigma:
+        if tune_sigma and factors is not None:
+            new_sigma = mackay_noise(factors, gamma_out, post.temperature)
+            change = max(change, float(((new_sigma - sigma).abs() / sigma).max()))
+            sigma = new_sigma
+        elif tune_sigma:
             dof = N_out - float(gamma.sum())
             if dof <= 0:
                 raise ValueError(

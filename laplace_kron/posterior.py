@@ -4,11 +4,14 @@ Per block ``l`` the posterior precision is
 
     Lambda_l = H_l / (T * sigma^2) + delta_l * I        (regression)
     Lambda_l = H_l / T + delta_l * I                    (classification, binary)
+    Lambda_l = H_l(w) / T + delta_l * I                 (regression, per-output noise sigma_c)
 
 with ``H_l`` the KFAC / EKFAC curvature of the summed negative log-likelihood (stored for
 ``sigma = 1``), ``T`` the temperature and ``delta_l`` the prior precision (one scalar, or one per
 block). All operations act on the eigenvalues ``c * lambda + delta`` (``c = 1 / (T sigma^2)``), so
-changing ``delta`` or ``sigma`` never needs another pass over the data.
+changing ``delta`` or ``sigma`` never needs another pass over the data. With per-output noise
+(``sigma_noise [C]``, :mod:`laplace_kron.output_noise`) the fit keeps per-output factors and
+:attr:`curvature` is ``H(w) = sum_c w_c H_c``, ``w = sigma^-2``, rebuilt when ``sigma`` changes.
 
 :class:`KronPosterior` holds the hyperparameters, fits the curvature, and gives the posterior
 operators, the compressed spectrum and samples. The evidence and its tuning
@@ -27,10 +30,11 @@ import torch
 from torch import Tensor, nn
 
 from . import io
+from .block_state import block_state, parse_block
 from .constants import LIKELIHOODS, POSTERIOR_CURVATURES
 from .curvature import CurvatureFitter, CurvatureOptions, LayerSpec
-from .kron import DiagBlock, KronBlock, KronCurvature, add_curvatures, per_block
-from .kron_groups import make_block
+from .kron import KronCurvature, add_curvatures, per_block
+from .output_noise import OutputFactors, noisy_curvature, set_sigma_noise
 from .spectrum import Spectrum
 from .validation import Checked, flat_vector, positive, positive_int
 
@@ -66,13 +70,6 @@ class DampedKron:
         return self.matvec(v.T).T if v.ndim == 2 else self.matvec(v)
 
 
-def _scalar_sigma(value) -> Tensor:
-    t = positive("sigma_noise", value)
-    if t.ndim != 0:
-        raise ValueError("sigma_noise must be a scalar")
-    return t
-
-
 class KronPosterior:
     """Laplace posterior with KFAC / EKFAC curvature: hyperparameters, fit, operators, samples.
 
@@ -81,7 +78,9 @@ class KronPosterior:
         likelihood: ``"classification"``, ``"regression"`` or ``"binary"``.
         curvature: ``"kfac"`` or ``"ekfac"``.
         prior_precision: ``delta``, a positive scalar or one value per block.
-        sigma_noise: observation noise (regression only).
+        sigma_noise: observation noise (regression only): a scalar, or one value per output
+            ``[C]`` (per-output noise, :mod:`~laplace_kron.output_noise`; given before
+            :meth:`fit`, it makes the fit keep per-output factors; needs ``fisher="exact"``).
         temperature: ``T``; the curvature (and the log-likelihood) are divided by it.
         prior_mean: ``mu_0`` of the prior ``N(mu_0, delta^-1 I)``: ``None`` (zero), a number, a
             vector over the covered parameters (:attr:`param_names` order, each ``p.flatten()``)
@@ -112,8 +111,6 @@ class KronPosterior:
             raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
         if curvature not in POSTERIOR_CURVATURES:
             raise ValueError(f"curvature must be one of {POSTERIOR_CURVATURES}, got {curvature!r}")
-        if likelihood != "regression" and float(torch.as_tensor(sigma_noise)) != 1.0:
-            raise ValueError("sigma_noise is only used for likelihood='regression'; leave it at 1")
         self.model = model
         self.likelihood = likelihood
         self.curvature_type = curvature
@@ -121,6 +118,7 @@ class KronPosterior:
         # Validates the layers now rather than at fit time; its specs serve the predictive.
         self.fitter = CurvatureFitter(model, likelihood, self.options)
         self.curvature: KronCurvature | None = None
+        self.output_factors: OutputFactors | None = None  # per-output noise (regression)
         self.mean: Tensor | None = None
         self._spectrum: Spectrum | None = None
         self.prior_mean = prior_mean
@@ -129,7 +127,17 @@ class KronPosterior:
         self.temperature = temperature
 
     # ------------------------------------------------------------------ hyperparameters
-    sigma_noise = Checked(_scalar_sigma, "Observation noise ``sigma`` (regression), 0-d float64.")
+    @property
+    def sigma_noise(self) -> Tensor:
+        """Observation noise ``sigma`` (regression): 0-d, or ``[C]`` per output (float64)."""
+        return self._sigma_noise
+
+    @sigma_noise.setter
+    def sigma_noise(self, value) -> None:
+        self._sigma_noise, curv = set_sigma_noise(self, value)
+        if curv is not None:  # per-output noise: H(w) rebuilt for the new w = 1 / sigma^2
+            self.curvature, self._spectrum = curv, None
+
     temperature = Checked(
         lambda v: float(positive("temperature", v)),
         "Temperature ``T``: the curvature and log-likelihood are divided by it.",
@@ -181,6 +189,10 @@ class KronPosterior:
         that arrives in parts; the parameters should not have moved in between. On error the
         previous fit (if any) is kept.
         """
+        if not reset and self.output_factors is not None:
+            raise ValueError(
+                "fit(reset=False) does not add per-output factors: fit all data at once"
+            )
         if not reset and self.curvature_type == "ekfac":
             add_curvatures(self.require_fit(), self.require_fit())  # raises: not for EKFAC
         curv = self.fitter.fit(self.curvature_type, data, progress, checkpoint, checkpoint_every)
@@ -198,7 +210,7 @@ class KronPosterior:
                 f"prior_precision has {self.prior_precision.numel()} values but the fitted "
                 f"posterior has {len(curv.blocks)} blocks"
             )
-        self._set_fit(curv, self.flat_parameters().clone())
+        self._set_fit(curv, self.flat_parameters().clone(), self.fitter.output_factors(curv))
         return self
 
     def set_curvature(self, curvature: KronCurvature) -> KronPosterior:
@@ -223,8 +235,11 @@ class KronPosterior:
         self._set_fit(curvature, self.flat_parameters().clone())
         return self
 
-    def _set_fit(self, curvature: KronCurvature, mean: Tensor) -> None:
-        self.curvature, self.mean, self._spectrum = curvature, mean, None
+    def _set_fit(self, curvature: KronCurvature, mean: Tensor, factors=None) -> None:
+        """Install a fit; with per-output ``factors`` the curvature is ``H(w)`` of the noise."""
+        curvature = noisy_curvature(self.sigma_noise, curvature, factors)
+        self.output_factors, self._spectrum = factors, None
+        self.curvature, self.mean = curvature, mean
 
     def require_fit(self) -> KronCurvature:
         """The fitted curvature; RuntimeError if :meth:`fit` (or a load) has not happened."""
@@ -276,7 +291,9 @@ class KronPosterior:
 
     def precision_scale(self, sigma_noise: Tensor | None = None) -> Tensor:
         """``c = 1 / (T sigma^2)`` (regression) or ``1 / T``: the factor multiplying ``H``."""
-        if self.likelihood != "regression":
+        if self.likelihood != "regression" or self.output_factors is not None:
+            if sigma_noise is not None and self.output_factors is not None:
+                raise ValueError("per-output noise is in the curvature H(w), not in a scale")
             return torch.tensor(1.0 / self.temperature, dtype=torch.float64)
         sigma = self.sigma_noise if sigma_noise is None else sigma_noise
         return 1.0 / (self.temperature * sigma**2)
@@ -331,6 +348,8 @@ class KronPosterior:
     def state_dict(self) -> dict:
         """Tensors and plain metadata only (loadable with ``torch.load(weights_only=True)``)."""
         curv = self.require_fit()
+        factors = self.output_factors
+        curv = curv if factors is None else factors.base  # saved for sigma = 1
         params = dict(self.model.named_parameters())
         opts = self.options
         return {
@@ -352,7 +371,8 @@ class KronPosterior:
             "sse": curv.sse,
             "n_outputs": curv.n_outputs,
             "kind": curv.kind,
-            "blocks": [_block_state(b) for b in curv.blocks],
+            "blocks": [block_state(b) for b in curv.blocks],
+            "output_factors": None if factors is None else factors.state_dict(),
         }
 
     def load_state_dict(self, state: dict, name: str = "the state") -> KronPosterior:
@@ -367,6 +387,8 @@ class KronPosterior:
             self._check_state(state, name)
             try:
                 curv, mean, hyper = _parse_state(state)
+                factors = state.get("output_factors")  # absent in files of earlier versions
+                factors = None if factors is None else OutputFactors.from_state(factors, curv)
                 names, shapes = list(state["param_names"]), state["param_shapes"]
                 saved_mean = state.get("prior_mean")  # absent in files of earlier versions
                 if saved_mean is not None:
@@ -382,9 +404,12 @@ class KronPosterior:
                 stacklevel=2,
             )
         self.curvature_type = state["kind"]
-        self._set_fit(curv, mean.clone())
+        if factors is not None:
+            self.fitter.keep_per_output(factors.n_outputs)
+        self._sigma_noise = hyper[1]  # before the fit: per-output factors are weighted by it
+        self._set_fit(curv, mean.clone(), factors)
         self._prior_mean = None if saved_mean is None else saved_mean.to(self.flat_parameters())
-        self.prior_precision, self.sigma_noise, self.temperature = hyper
+        self.prior_precision, self.temperature = hyper[0], hyper[2]
         return self
 
     def _check_state(self, state: dict, name: str) -> None:
@@ -417,41 +442,9 @@ class KronPosterior:
             raise ValueError(f"{name} is malformed: unknown curvature {state['kind']!r}")
 
 
-def _block_state(b: KronBlock | DiagBlock) -> dict:
-    """A block as plain data. A diagonal block is ``{"diag": values shaped like the parameter,
-    "param_names", "param_shapes"}``; a Kronecker block has ``G``, ``A``, ``eigenvalues`` and
-    ``bias_joint`` instead of ``diag``."""
-    names, shapes = list(b.param_names), [list(s) for s in b.param_shapes]
-    if isinstance(b, DiagBlock):
-        values = b.values.reshape(b.param_shapes[0]).clone()
-        return {"diag": values, "param_names": names, "param_shapes": shapes}
-    return {
-        "G": b.G.clone(),
-        "A": None if b.A is None else b.A.clone(),
-        "eigenvalues": None if b.eigenvalues is None else b.eigenvalues.clone(),
-        "param_names": names,
-        "param_shapes": shapes,
-        "bias_joint": b.bias_joint,
-    }
-
-
-def _parse_block(b: dict) -> KronBlock | DiagBlock:
-    """Inverse of :func:`_block_state`, validated (ValueError for a malformed entry)."""
-    names, shapes = list(b["param_names"]), [torch.Size(s) for s in b["param_shapes"]]
-    if "diag" not in b:
-        return make_block(b["G"], b["A"], names, shapes, bool(b["bias_joint"]), b["eigenvalues"])
-    extra = sorted(set(b) - {"diag", "param_names", "param_shapes"})
-    if extra:
-        raise ValueError(f"diagonal block {names} has Kronecker entries {extra}")
-    values = b["diag"]
-    if not isinstance(values, Tensor) or len(shapes) != 1 or values.shape != shapes[0]:
-        raise ValueError(f"diagonal block {names}: its values do not have the parameter's shape")
-    return DiagBlock(values, names, shapes)
-
-
 def _parse_state(state: dict) -> tuple[KronCurvature, Tensor, tuple[Tensor, Tensor, float]]:
     """The curvature, mean and ``(prior_precision, sigma_noise, temperature)`` of a state."""
-    blocks = [_parse_block(b) for b in state["blocks"]]
+    blocks = [parse_block(b) for b in state["blocks"]]
     curv = KronCurvature(
         blocks,
         list(state["param_names"]),

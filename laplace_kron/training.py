@@ -41,7 +41,10 @@ def _nll_mean(f: Tensor, y: Tensor, likelihood: str, sigma: Tensor) -> Tensor:
         return nn.functional.cross_entropy(f, y)
     if likelihood == "binary":
         return nn.functional.binary_cross_entropy_with_logits(f.reshape(-1), y.reshape(-1).to(f))
-    return 0.5 * ((f - y.reshape(f.shape).to(f)) ** 2).sum() / (sigma**2 * f.shape[0])
+    sq = (f - y.reshape(f.shape).to(f)) ** 2
+    if sigma.ndim:  # per-output noise [C]
+        return 0.5 * (sq / sigma**2).sum() / f.shape[0]
+    return 0.5 * sq.sum() / (sigma**2 * f.shape[0])
 
 
 def _groups(la: KronLaplace, model: nn.Module) -> list[list[nn.Parameter]]:
@@ -59,7 +62,7 @@ def marglik_training(
     curvature: str = "kfac",
     granularity: str = "layer",
     prior_precision: float = 1.0,
-    sigma_noise: float = 1.0,
+    sigma_noise: float | Tensor = 1.0,
     n_epochs_burnin: int = 10,
     marglik_frequency: int = 5,
     tune_sigma_noise: bool | None = None,
@@ -147,7 +150,7 @@ def marglik_training(
                     "epoch": epoch,
                     "log_marglik": float(la.log_marginal_likelihood()),
                     "prior_precision": la.prior_precision.tolist(),
-                    "sigma_noise": float(la.sigma_noise),
+                    "sigma_noise": la.sigma_noise.tolist(),
                 }
             )
     model.eval()

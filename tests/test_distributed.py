@@ -50,6 +50,10 @@ def _mlp_problem():
     return model, x, y
 
 
+# Per-output noise of the CNN's two regression outputs.
+SIG = torch.tensor([0.8, 0.3])
+
+
 def _cnn_problem():
     torch.manual_seed(1)
     model = CNN(d_out=2).eval()
@@ -142,6 +146,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         for kind in ("kfac", "ekfac"):
             res[f"cnn_{kind}"] = _summary(getattr(lk, kind)(cnn, loader, "regression", "exact"))
             res[f"cnn_{kind}_la"] = _laplace(cnn, loader, "regression", kind, sigma_noise=0.8)
+            res[f"cnnpo_{kind}_la"] = _laplace(cnn, loader, "regression", kind, sigma_noise=SIG)
         res["cnn_ekfac_reduce_sep"] = _summary(
             lk.ekfac(
                 cnn, loader, "regression", "exact", weight_sharing="reduce", separate_bias=True
@@ -343,12 +348,14 @@ def test_two_ranks_equal_one_process(ranks):
 
 def test_two_ranks_laplace_evidence_samples_and_predictive_agree(ranks):
     cases = [("mlp", _mlp_problem, "classification"), ("cnn", _cnn_problem, "regression")]
+    cases.append(("cnnpo", _cnn_problem, "regression"))  # per-output noise
     errs = {}
     for name, problem, lik in cases:
         model, x, y = problem()
         full = _batches(x, y, 10)
         for kind in ("kfac", "ekfac"):
             kw = {"sigma_noise": 0.8} if lik == "regression" else {}
+            kw = {"sigma_noise": SIG} if name == "cnnpo" else kw
             ref = _laplace(model, full, lik, kind, **kw)
             for res in ranks:
                 got = res[f"{name}_{kind}_la"]

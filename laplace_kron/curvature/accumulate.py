@@ -118,6 +118,8 @@ class FactorAccumulator:
         with Capture(self.specs, _batch_size(x, y)) as cap:
             with nullcontext() if self._diag is None else self._diag.recording():
                 b = self._forward(x, y, i)
+            if self.state.outputs is not None:
+                self.state.outputs.check_outputs(b.f)
             if not self._uses_checked:
                 self._check_uses(cap, b)
             fast = [] if self._diag is None else self._diag.fast_names(cap, b, x)
@@ -132,11 +134,11 @@ class FactorAccumulator:
                         self._add_A(li, a, b.positions)
             closed = self._closed_form_G(b)
             # One output-gradient vector at a time: G needs only sums over vectors.
-            for grads in self._output_gradients(cap, b, x, fast):
+            for k, grads in enumerate(self._output_gradients(cap, b, x, fast)):
                 with torch.no_grad():
                     for li, g in enumerate(grads):
                         if li not in closed:
-                            self._add_G(li, g)
+                            self._add_G(li, g, k)
         self._add_loss(b)
 
     def _check_uses(self, cap: Capture, b: FitBatch) -> None:
@@ -176,6 +178,8 @@ class FactorAccumulator:
             st.n_outputs = b.f.shape[1]
             st.num_data += b.num_data
             st.n_observed += b.observed()
+            if st.outputs is not None:
+                st.outputs.add_sse(b.f, b.y, b.keep)
 
     def _output_gradients(
         self, cap: Capture, b: FitBatch, x=None, fast: list[str] | None = None
@@ -196,17 +200,25 @@ class FactorAccumulator:
             for s in self.specs
         ]
 
-        def grouped(vectors: Tensor, retain: bool) -> Iterator[list[Tensor]]:
+        def grouped(vectors: Tensor, retain: bool, k0: int) -> Iterator[list[Tensor]]:
             if b.keep is not None:
                 vectors = vectors * b.keep
             N, diag = b.num_data, self._diag if x is not None else None
             if diag is not None:
-                self.state.add_diag(diag.vmapped_sums(cap, x, vectors, N, exclude=fast or []))
+                # Per-output sums (per-output noise: vector k is e_k) need one call per vector.
+                per_output = self.state.outputs is not None
+                parts = (
+                    [vectors[k : k + 1] for k in range(len(vectors))] if per_output else [vectors]
+                )
+                for k, v in enumerate(parts):
+                    sums = diag.vmapped_sums(cap, x, v, N, exclude=fast or [])
+                    self._add_diag_sums(k0 + k, sums)
             uses = diag.fast.uses(N, fast) if diag is not None and fast else []
             extra = [u.output for u in uses] or None
-            for grads in cap.iter_output_gradients(b.f, vectors, retain, extra):
+            for k, grads in enumerate(cap.iter_output_gradients(b.f, vectors, retain, extra)):
                 if extra:
-                    self.state.add_diag(diag.fast.squared_sums(uses, grads.pop(), N, fast))
+                    sums = diag.fast.squared_sums(uses, grads.pop(), N, fast)
+                    self._add_diag_sums(k0 + k, sums)
                 out = [
                     mask_padding(group_by_datum(g, b.num_data, s.name, lead=1), b.positions)
                     for g, s in zip(grads, self.specs, strict=True)
@@ -216,11 +228,18 @@ class FactorAccumulator:
                     for g, m in zip(out, tokens, strict=True)
                 ]
 
-        vectors = next(chunks)
+        vectors, k0 = next(chunks), 0
         for following in chunks:
-            yield from grouped(vectors, True)
-            vectors = following
-        yield from grouped(vectors, False)
+            yield from grouped(vectors, True, k0)
+            vectors, k0 = following, k0 + len(vectors)
+        yield from grouped(vectors, False, k0)
+
+    def _add_diag_sums(self, k: int, sums: dict[str, Tensor]) -> None:
+        """Add squared per-example gradient sums of vector ``k`` (per output too, when the
+        noise is per output: vector ``k`` is then ``e_k``)."""
+        self.state.add_diag(sums)
+        if self.state.outputs is not None:
+            self.state.outputs.add_D(k, sums)
 
     def _output_layers(self, f: Tensor) -> set[int]:
         """Layers whose output *is* the network output ``f``, when the exact Fisher makes their
@@ -248,6 +267,8 @@ class FactorAccumulator:
             for li in done:
                 H = loss_hessian_sum(f, self.likelihood)
                 G_sum[li] = H if G_sum[li] is None else G_sum[li].add_(H)
+                if self.state.outputs is not None:  # H = sum_c e_c e_c^T per row
+                    self.state.outputs.add_identity(li, f.shape[0])
         return done
 
     def _add_A(self, li: int, a: Tensor, positions: Tensor | None = None) -> None:
@@ -297,29 +318,34 @@ class FactorAccumulator:
             mirror_(S)
             A_sum[li].add_(S[idx][:, idx], alpha=scale)
 
-    def _add_G(self, li: int, g: Tensor) -> None:
+    def _add_G(self, li: int, g: Tensor, k: int = 0) -> None:
         """Add ``sum g g^T`` of one batch, ``g [K, B, T, d_out]`` (summed over positions first
-        for KFAC-reduce)."""
-        G_sum = self.state.G_sum
+        for KFAC-reduce), of output-gradient vector ``k`` (also to output ``k``'s per-output
+        sum when those are kept)."""
+        G_sum, spec = self.state.G_sum, self.specs[li]
+        if G_sum[li] is None:
+            G_sum[li] = g.new_zeros(spec.factor_shape(g.shape[3] // spec.groups))
+        targets = [G_sum[li]]
+        if self.state.outputs is not None:
+            targets.append(self.state.outputs.G[li][k])
+        for target in targets:
+            self._gram_G(target, g, spec.groups)
+
+    def _gram_G(self, target: Tensor, g: Tensor, groups: int = 1) -> None:
         T, d = g.shape[2], g.shape[3]
-        groups = self.specs[li].groups
-        if groups > 1:  # one factor per group: [g, o, o]
+        if groups > 1:  # one factor per group [g, o, o], accumulated whole
             x = g.sum(dim=2) if self.options.weight_sharing == "reduce" else g
             R = x.reshape(-1, groups, d // groups)
-            S = torch.einsum("mgi,mgj->gij", R, R)
-            G_sum[li] = S if G_sum[li] is None else G_sum[li].add_(S)
-            return
-        if G_sum[li] is None:
-            G_sum[li] = g.new_zeros(d, d)
-        if self.options.weight_sharing == "reduce":
-            gram_lower_(G_sum[li], g.sum(dim=2).reshape(-1, d), 1.0)
+            target.add_(torch.einsum("mgi,mgj->gij", R, R))
+        elif self.options.weight_sharing == "reduce":
+            gram_lower_(target, g.sum(dim=2).reshape(-1, d), 1.0)
         elif T == 1 or g.is_contiguous():
-            gram_lower_(G_sum[li], g.reshape(-1, d), 1.0)
+            gram_lower_(target, g.reshape(-1, d), 1.0)
         else:
             # Convolution output-gradients are [B, T, C] views of channel-first tensors: a batched
             # product over examples avoids the transposing copy a single [B T, C] GEMM needs.
             g3 = g.flatten(0, 1)
-            G_sum[li].add_(torch.bmm(g3.mT, g3).sum(0))
+            target.add_(torch.bmm(g3.mT, g3).sum(0))
 
     # ------------------------------------------------------------------------- second pass
     def add_ekfac(self, x, y, bases: list[list[KronBlock]], i: int = 0) -> None:
@@ -357,6 +383,7 @@ class FactorAccumulator:
             corr: list[list[Tensor]] = [[0.0] * len(layer) for layer in bases]
             spec_is_embedding = [s.embedding for s in self.specs]
             closed = self._output_layers(fc)
+            outputs = self.state.outputs
             with torch.no_grad():
                 for li in closed:  # one position per datum: E = sum_n diag(Q^T H_n Q) (x) r_n^2
                     for j, b in enumerate(bases[li]):
@@ -365,8 +392,13 @@ class FactorAccumulator:
                         )
                         if fb.keep is not None:  # unobserved rows add nothing
                             u = u * fb.keep
-                        corr[li][j] = u.T @ rotated[li][j][:, 0].square()
-            for grads in self._output_gradients(cap, fb):
+                        r2 = rotated[li][j][:, 0].square()
+                        corr[li][j] = u.T @ r2
+                        if outputs is not None:
+                            r2 = r2 if fb.keep is None else r2 * fb.keep
+                            n = len(bases[li])
+                            outputs.add_E_closed(li, j, b.eig_G.vectors, r2.sum(0), n)
+            for k, grads in enumerate(self._output_gradients(cap, fb)):
                 with torch.no_grad():
                     for li, g in enumerate(grads):
                         if li in closed:
@@ -382,6 +414,8 @@ class FactorAccumulator:
                             else:
                                 sq = per_example_sq(r, g @ b.eig_G.vectors)
                             corr[li][j] = corr[li][j] + sq
+                            if outputs is not None:
+                                outputs.add_E(li, j, k, sq, len(bases[li]))
         return corr
 
     def _rotate_inputs(self, li: int, j: int, a: Tensor, block: KronBlock) -> Tensor:

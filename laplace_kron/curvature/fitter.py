@@ -20,6 +20,7 @@ from torch import nn
 from .. import distributed as dist_utils
 from ..constants import POSTERIOR_CURVATURES
 from ..kron import KronBlock, KronCurvature
+from ..output_noise import OutputFactors
 from .accumulate import FactorAccumulator
 from .batches import fit_batch_size, iter_batches, warn_if_train_mode
 from .capture import LayerSpec
@@ -118,6 +119,24 @@ class CurvatureFitter:
     loss = property(lambda self: self.state.loss, doc="Summed negative log-likelihood.")
     sse = property(lambda self: self.state.sse, doc="Summed squared residuals (regression).")
     n_outputs = property(lambda self: self.state.n_outputs, doc="Outputs per datum.")
+
+    def keep_per_output(self, n_outputs: int | None) -> None:
+        """Keep per-output sums of ``n_outputs`` regression outputs in the next fits (``None``:
+        do not), for per-output observation noise (:mod:`laplace_kron.output_noise`); needs
+        ``fisher="exact"``, whose vectors ``e_c`` separate the outputs."""
+        if n_outputs is not None and (self.likelihood != "regression" or self.fisher != "exact"):
+            raise ValueError(
+                "per-output noise (a sigma_noise tensor [C]) needs likelihood='regression' and "
+                f"fisher='exact', got likelihood={self.likelihood!r}, fisher={self.fisher!r}: the "
+                "MC and empirical Fisher mix the outputs in every vector; pass fisher='exact'"
+            )
+        self.state.per_output = n_outputs
+        self.reset()
+
+    def output_factors(self, curv: KronCurvature) -> OutputFactors | None:
+        """The per-output factors of the fit that gave ``curv`` (``None`` unless kept)."""
+        outputs = self.state.outputs
+        return None if outputs is None else outputs.factors(curv)
 
     def reset(self) -> None:
         """Forget the accumulation."""

@@ -27,6 +27,7 @@ from ..kron_groups import make_block
 from .batches import fingerprint
 from .capture import LayerSpec
 from .gram import mirror_
+from .per_output import OutputSums
 
 __all__ = ["FitState", "PASSES"]
 
@@ -50,6 +51,8 @@ class FitState:
         pass_name, next_batch, pass_data: the pass under way, the index of its next batch and the
             data points it has consumed (what a checkpoint resumes from).
         generator: the random stream of the MC Fisher (this rank's, when distributed).
+        per_output, outputs: ``C`` and the per-output sums (:class:`.per_output.OutputSums`) when
+            they are kept (per-output regression noise), else ``None``.
         distributed: whether the fit all-reduces across ranks.
     """
 
@@ -67,6 +70,8 @@ class FitState:
         self.dtype, self.device = dtype, device
         self.generator = generator
         self.distributed = distributed
+        # C when per-output sums are kept (per-output regression noise), else None.
+        self.per_output: int | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -76,6 +81,10 @@ class FitState:
         self.G_sum: list[Tensor | None] = [None] * n
         self.E_sum: list[list[Tensor] | None] = [None] * n
         self.D_sum: list[Tensor | None] = [None] * len(self.diag)
+        self.outputs = None
+        if self.per_output:
+            args = (self.specs, self.diag, self.dtype, self.device)
+            self.outputs = OutputSums(self.per_output, *args)
         self.num_data = 0
         self.loss = 0.0
         self.sse = 0.0
@@ -106,6 +115,8 @@ class FitState:
             # an embedding's A_sum is a diagonal [V]; grouped [g, d, d] sums are accumulated whole
             if t is not None and t.ndim == 2:
                 mirror_(t)
+        if self.outputs is not None:
+            self.outputs.mirror()
 
     # ------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -125,6 +136,7 @@ class FitState:
             "sse": self.sse,
             "n_outputs": self.n_outputs,
             "n_observed": self.n_observed,
+            "outputs": None if self.outputs is None else self.outputs.state_dict(),
             "generator_state": None if self.generator is None else self.generator.get_state(),
         }
 
@@ -166,6 +178,14 @@ class FitState:
         n_obs = state.get("n_observed", counts["num_data"] * counts["n_outputs"])
         n_obs = _count(n_obs, "n_observed")
         loss, sse = float(state["loss"]), float(state["sse"])
+        outputs = state.get("outputs")  # absent in checkpoints of earlier versions
+        if (outputs is None) != (self.outputs is None):
+            raise ValueError(
+                "the checkpoint and this fit differ in keeping per-output sums (a sigma_noise "
+                "tensor): resume with the same sigma_noise shape or delete the checkpoint"
+            )
+        if self.outputs is not None:
+            self.outputs.load(outputs, dev)
         gen_state = state["generator_state"]
         if self.generator is not None:
             if not isinstance(gen_state, Tensor):
@@ -231,6 +251,8 @@ class FitState:
             [self.num_data, self.loss, self.sse, self.n_observed], dtype=torch.float64
         )
         factors = [t for t in self.A_sum if t is not None] + list(self.G_sum) + list(self.D_sum)
+        if self.outputs is not None:
+            factors += self.outputs.kfac_tensors()
         dist_utils.all_reduce_sum_([*factors, scalars])
         self.n_outputs = int(n_out.item())
         self.num_data = int(round(scalars[0].item()))
@@ -244,7 +266,8 @@ class FitState:
             for li, layer in enumerate(bases):
                 if self.E_sum[li] is None:
                     self.E_sum[li] = [torch.zeros_like(b.eigvals()) for b in layer]
-            dist_utils.all_reduce_sum_([e for es in self.E_sum for e in es] + [count])
+            extra = [] if self.outputs is None else self.outputs.ekfac_tensors(bases)
+            dist_utils.all_reduce_sum_([e for es in self.E_sum for e in es] + extra + [count])
         n2 = int(round(count.item()))
         if n2 != self.num_data:
             raise ValueError(
