@@ -61,7 +61,9 @@ class BlockOps:
     def logdet(self, scale: Tensor | float = 1.0, delta: Tensor | float = 0.0) -> Tensor:
         """``log det(scale * K + delta I)`` (float64, differentiable in ``scale`` and ``delta``);
         ``-inf`` for a singular block with ``delta = 0``. Computed by :mod:`~laplace_kron.spectrum`,
-        the library's one log-determinant path."""
+        the library's one log-determinant path; an eigenvalue-shaped ``delta`` directly."""
+        if isinstance(delta, Tensor) and delta.ndim > 0:
+            return torch.log(self.damped_eigvals(scale, delta).to(torch.float64)).sum()
         return Spectrum.from_blocks([self.eigvals()]).logdet(scale, delta)
 
 

@@ -249,17 +249,17 @@ class KronBlock(BlockOps):
         self, mat: Tensor, scale: Tensor | float = 1.0, delta: Tensor | float = 0.0
     ) -> Tensor:
         """``(scale * K + delta I) vec(mat)`` in matrix form. KFAC uses the factors directly."""
-        if self.eigenvalues is None:
+        if self.eigenvalues is None and _uniform(delta):
             out = mat if self.A is None else mat @ self.A
             return scale * (self.G @ out) + delta * mat
         return self.apply_fn(mat, None, scale, delta)
 
     def trace(self, scale: Tensor | float = 1.0, delta: Tensor | float = 0.0) -> Tensor:
         """``tr(scale * K + delta I)``."""
-        if self.eigenvalues is None:
+        if self.eigenvalues is None and _uniform(delta):
             tr_a = torch.ones((), dtype=self.dtype) if self.A is None else self.A.diagonal().sum()
             return scale * self.G.diagonal().sum() * tr_a + delta * self.n_params
-        return (scale * self.eigenvalues + delta).sum()
+        return self.damped_eigvals(scale, delta).sum()
 
     def param_permutation(self) -> Tensor:
         """Index ``perm`` with ``vec_param[perm] = mat.flatten()`` (Kronecker -> parameter order)."""
@@ -273,7 +273,7 @@ class KronBlock(BlockOps):
         fn: Callable[[Tensor], Tensor] | None = None,
     ) -> Tensor:
         """Dense ``f(scale * K + delta I)`` ``[P_block, P_block]`` in parameter order (tests only)."""
-        if fn is None and self.eigenvalues is None:
+        if fn is None and self.eigenvalues is None and _uniform(delta):
             A = torch.ones(1, 1, dtype=self.dtype, device=self.device) if self.A is None else self.A
             kron = scale * torch.kron(self.G, A)
             kron = kron + delta * torch.eye(self.n_params, dtype=self.dtype, device=self.device)
@@ -302,6 +302,11 @@ class KronBlock(BlockOps):
         )
 
 
+def _uniform(delta: Tensor | float) -> bool:
+    """A damping ``delta I`` (a number), not eigenvalue-shaped (:mod:`~laplace_kron.diagprior`)."""
+    return not isinstance(delta, Tensor) or delta.ndim == 0
+
+
 # A curvature block: Kronecker-factored, or diagonal (:mod:`~laplace_kron.diagblock`) for a
 # parameter no Kronecker factorisation covers. Both share the interface KronCurvature uses.
 Block = KronBlock | DiagBlock
@@ -309,7 +314,9 @@ Block = KronBlock | DiagBlock
 
 def per_block(value: Tensor | float, n_blocks: int) -> list[Tensor | float]:
     """Broadcast a scalar or a ``[n_blocks]`` tensor to one value per block (the one place where a
-    prior precision is broadcast over blocks)."""
+    prior precision is broadcast over blocks); a list is taken as one value per block already."""
+    if isinstance(value, list) and len(value) == n_blocks:
+        return value
     if isinstance(value, Tensor) and value.ndim > 0:
         if value.numel() == 1:
             return [value.reshape(())] * n_blocks
@@ -432,6 +439,8 @@ class KronCurvature:
     def logdet(self, scale=1.0, delta=0.0) -> Tensor:
         """``log det(scale * H + delta)`` (float64; ``delta`` scalar or per block), through the
         compressed spectrum (:mod:`~laplace_kron.spectrum`)."""
+        if isinstance(delta, list):  # eigenvalue-shaped dampings (:mod:`~laplace_kron.diagprior`)
+            return sum(b.logdet(scale, d) for b, d in zip(self.blocks, delta, strict=True))
         deltas = per_block(torch.as_tensor(delta, dtype=torch.float64), len(self.blocks))
         spec = Spectrum.from_blocks([b.eigvals() for b in self.blocks])
         return spec.logdet(scale, torch.stack(deltas))

@@ -26,6 +26,7 @@ RANKS: dict[str, int] = {
     "metrics": 1,
     "diagblock": 2,
     "kron": 2,
+    "diagprior": 2,
     "curvature.": 3,  # the curvature package's modules
     "curvature": 4,  # its __init__
     "posterior": 5,
