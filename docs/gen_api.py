@@ -26,6 +26,7 @@ LAYERS = [
     "laplace_kron.distributed",
     "laplace_kron.diagblock",
     "laplace_kron.kron",
+    "laplace_kron.diagprior",
     "laplace_kron.curvature",
     "laplace_kron.posterior",
     "laplace_kron.sampling",

@@ -48,6 +48,8 @@ __all__ = [
 # information, theta != 0) or to infinity (theta = 0 with curvature), automatic relevance
 # determination's pruning.
 DELTA_MIN, DELTA_MAX = 1e-12, 1e12
+# Over-relaxation of the minorise-maximise step (DiagPrior.mackay_step): first and largest factor.
+_OMEGA_START, _OMEGA_MAX = 1.5, 50.0
 
 
 def check_prior_length(value: Tensor, curv: KronCurvature) -> None:
@@ -172,25 +174,34 @@ class DiagPrior:
         delta_i - 1/2 log det Lambda`` with ``sq [P] = (theta* - mu_0)^2``."""
         return -0.5 * (delta * sq).sum() + 0.5 * delta.log().sum() - 0.5 * self.logdet(c, delta)
 
-    def mackay_step(self, c: float, delta: Tensor, sq: Tensor) -> tuple[Tensor, Tensor]:
-        """One fixed-point step ``delta_i <- gamma_i / sq_i`` (``gamma_i = 1 - delta_i
-        Sigma_ii``) that never lowers the evidence; returns ``(new delta, gamma)``.
+    def mackay_step(
+        self, c: float, delta: Tensor, sq: Tensor, omega: float = 1.0
+    ) -> tuple[Tensor, Tensor, float]:
+        """One fixed-point step that never lowers the evidence; returns ``(new delta, gamma,
+        new omega)``.
 
-        Where MacKay's update is undefined (``sq_i = 0`` or ``gamma_i <= 0``, which the projected
-        ``D~`` allows) it takes ``1 / (sq_i + Sigma_ii)``. That update, on every entry, maximises
-        a lower bound of the evidence that touches it at ``delta`` (``log det Lambda`` is concave
-        in ``delta``; its tangent bounds it), so it cannot lower the evidence: it is taken
-        whenever MacKay's step would. Both keep the same fixed points; entries are clamped to
-        ``[DELTA_MIN, DELTA_MAX]``.
+        MacKay's update ``delta_i <- gamma_i / sq_i`` (``gamma_i = 1 - delta_i Sigma_ii``) is
+        taken if it does not lower the evidence. It is undefined where ``sq_i = 0`` or ``gamma_i
+        <= 0`` (which the projected ``D~`` allows), and can overshoot; the fallback is ``b_i = 1
+        / (sq_i + Sigma_ii)``, which maximises a lower bound of the evidence touching it at
+        ``delta`` (``log det Lambda`` is concave in ``delta``, so its tangent bounds it): a
+        minorise-maximise step, which cannot lower the evidence. Like EM it can be slow, so first
+        the over-relaxed ``delta (b / delta)^omega`` is tried (``omega`` grows while it is
+        accepted and restarts when it is not). All have the same fixed points; entries are
+        clamped to ``[DELTA_MIN, DELTA_MAX]``.
         """
         var = self.variance(c, delta)
         gamma = 1 - delta * var
         bound = (sq + var).reciprocal().clamp(DELTA_MIN, DELTA_MAX)
         ok = (gamma > 0) & (sq > 0)
-        step = torch.where(ok, gamma / torch.where(ok, sq, 1.0), bound).clamp(DELTA_MIN, DELTA_MAX)
-        if self.log_evidence(c, step, sq) < self.log_evidence(c, delta, sq):
-            step = bound
-        return step, gamma
+        mackay = torch.where(ok, gamma / torch.where(ok, sq, 1.0), bound)
+        relaxed = delta * (bound / delta).pow(omega)
+        e0 = self.log_evidence(c, delta, sq)
+        for step, grow in ((mackay, omega), (relaxed, min(1.5 * omega, _OMEGA_MAX))):
+            step = step.clamp(DELTA_MIN, DELTA_MAX)
+            if self.log_evidence(c, step, sq) >= e0:
+                return step, gamma, grow
+        return bound, gamma, _OMEGA_START
 
 
 def block_dampings(value: Tensor, curv: KronCurvature, dtype: torch.dtype) -> Tensor | list[Tensor]:

@@ -181,6 +181,18 @@ def test_mackay_reaches_its_fixed_point_without_lowering_the_evidence():
         la.optimize_prior_precision("mackay", "diag", n_steps=1)
         evidence.append(float(la.log_marginal_likelihood()))
     assert all(b >= a - 1e-9 for a, b in zip(evidence, evidence[1:]))
+    # ... also from scattered per-parameter values, where MacKay's own update overshoots
+    prior, sq, c = DiagPrior.of(la.curvature), la.mean**2, float(la.precision_scale())
+    taken = set()
+    for seed in range(6):
+        u = torch.rand(la.n_params, generator=torch.Generator().manual_seed(seed))
+        delta = torch.exp(4 * u - 2)
+        for omega in (1.2, 2.0):  # the step taken shows in the new omega
+            new, gamma, omega_new = prior.mackay_step(c, delta, sq, omega)
+            assert prior.log_evidence(c, new, sq) >= prior.log_evidence(c, delta, sq)
+            torch.testing.assert_close(gamma, 1 - delta * prior.variance(c, delta))
+            taken.add({omega: "mackay", 1.5 * omega: "relaxed", 1.5: "mm"}[omega_new])
+    assert taken == {"mackay", "relaxed", "mm"}
     report = la.optimize_prior_precision("mackay", "diag", n_steps=5000, tol=1e-10)
     assert report["converged"] and report["log_marglik"] >= evidence[-1] - 1e-9
     delta = la.prior_precision
