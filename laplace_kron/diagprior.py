@@ -138,10 +138,16 @@ class DiagPrior:
             )
         return cls(curv, eigvals, squares)
 
+    @property
+    def device(self) -> torch.device:
+        """The curvature's device: inputs move there, results stay there."""
+        return self.eigvals[0].device
+
     def project(self, delta: Tensor) -> list[Tensor]:
         """``D~`` per block, shaped like its eigenvalues, from ``delta [P]`` (autograd kept)."""
         out = []
-        for sq, mat in zip(self.squares, self.curv.split_vector(delta), strict=True):
+        mats = self.curv.split_vector(delta.to(self.device))
+        for sq, mat in zip(self.squares, mats, strict=True):
             if sq is not None:
                 SG, SA = sq
                 mat = mat if SG is None else SG.T @ mat
@@ -172,6 +178,7 @@ class DiagPrior:
     def log_evidence(self, c: Tensor | float, delta: Tensor, sq: Tensor) -> Tensor:
         """The prior-dependent part of the evidence, ``- 1/2 sum_i delta_i sq_i + 1/2 sum_i log
         delta_i - 1/2 log det Lambda`` with ``sq [P] = (theta* - mu_0)^2``."""
+        delta, sq = delta.to(self.device), sq.to(self.device)
         return -0.5 * (delta * sq).sum() + 0.5 * delta.log().sum() - 0.5 * self.logdet(c, delta)
 
     def mackay_step(
@@ -190,6 +197,7 @@ class DiagPrior:
         accepted and restarts when it is not). All have the same fixed points; entries are
         clamped to ``[DELTA_MIN, DELTA_MAX]``.
         """
+        delta, sq = delta.to(self.device), sq.to(self.device)
         var = self.variance(c, delta)
         gamma = 1 - delta * var
         bound = (sq + var).reciprocal().clamp(DELTA_MIN, DELTA_MAX)

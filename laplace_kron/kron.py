@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .diagblock import BlockOps, DiagBlock
+from .diagblock import BlockOps, DiagBlock, is_uniform
 from .spectrum import Spectrum
 
 __all__ = [
@@ -249,14 +249,14 @@ class KronBlock(BlockOps):
         self, mat: Tensor, scale: Tensor | float = 1.0, delta: Tensor | float = 0.0
     ) -> Tensor:
         """``(scale * K + delta I) vec(mat)`` in matrix form. KFAC uses the factors directly."""
-        if self.eigenvalues is None and _uniform(delta):
+        if self.eigenvalues is None and is_uniform(delta):
             out = mat if self.A is None else mat @ self.A
             return scale * (self.G @ out) + delta * mat
         return self.apply_fn(mat, None, scale, delta)
 
     def trace(self, scale: Tensor | float = 1.0, delta: Tensor | float = 0.0) -> Tensor:
         """``tr(scale * K + delta I)``."""
-        if self.eigenvalues is None and _uniform(delta):
+        if self.eigenvalues is None and is_uniform(delta):
             tr_a = torch.ones((), dtype=self.dtype) if self.A is None else self.A.diagonal().sum()
             return scale * self.G.diagonal().sum() * tr_a + delta * self.n_params
         return self.damped_eigvals(scale, delta).sum()
@@ -273,7 +273,7 @@ class KronBlock(BlockOps):
         fn: Callable[[Tensor], Tensor] | None = None,
     ) -> Tensor:
         """Dense ``f(scale * K + delta I)`` ``[P_block, P_block]`` in parameter order (tests only)."""
-        if fn is None and self.eigenvalues is None and _uniform(delta):
+        if fn is None and self.eigenvalues is None and is_uniform(delta):
             A = torch.ones(1, 1, dtype=self.dtype, device=self.device) if self.A is None else self.A
             kron = scale * torch.kron(self.G, A)
             kron = kron + delta * torch.eye(self.n_params, dtype=self.dtype, device=self.device)
@@ -300,11 +300,6 @@ class KronBlock(BlockOps):
             self._eig_G,
             self._eig_A,
         )
-
-
-def _uniform(delta: Tensor | float) -> bool:
-    """A damping ``delta I`` (a number), not eigenvalue-shaped (:mod:`~laplace_kron.diagprior`)."""
-    return not isinstance(delta, Tensor) or delta.ndim == 0
 
 
 # A curvature block: Kronecker-factored, or diagonal (:mod:`~laplace_kron.diagblock`) for a

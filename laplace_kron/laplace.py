@@ -68,7 +68,7 @@ class KronLaplace(KronPosterior):
         """``sum_i delta_i (theta*_i - mu_i)^2``."""
         deltas = param_deltas(self._prior(prior_precision), self.require_fit())
         sq = self.mean if self.prior_mean is None else self.mean - self.prior_mean
-        return (deltas * sq.to(torch.float64).square()).sum()
+        return (deltas * sq.to(deltas.device, torch.float64).square()).sum()
 
     def log_marginal_likelihood(
         self, prior_precision: Tensor | None = None, sigma_noise: Tensor | None = None

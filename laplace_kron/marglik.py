@@ -303,7 +303,7 @@ def _diag_step(post: KronPosterior) -> Callable:
     def step(c: float, delta: Tensor) -> tuple[Tensor, Tensor]:
         nonlocal omega
         new, gamma, omega = prior.mackay_step(c, delta, sq, omega)
-        return new, gamma
+        return new.to(delta.device), gamma
 
     return step
 
