@@ -320,3 +320,5 @@ def test_bad_per_parameter_priors_are_refused():
         la.optimize_prior_precision("gridsearch", "diag", val_loader=[])
     with pytest.raises(ValueError, match="marglik_training tunes granularity"):
         lk.marglik_training(Net(), [], "classification", granularity="diag")
+    with pytest.raises(ValueError, match="prior_precision must be a finite number"):
+        lk.OnlineLaplace(Net(), "classification", prior_precision=torch.ones(P))  # isotropic only
