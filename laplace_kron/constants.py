@@ -40,7 +40,8 @@ ONLINE_CURVATURES = ("kfac", "ekfac", "diag")
 
 # ------------------------------------------------------------------------------------ tuning
 TUNING_METHODS = ("marglik", "mackay", "gridsearch")
-PRIOR_GRANULARITIES = ("scalar", "layer")
+# "diag": one prior precision per parameter (laplace_kron.diagprior).
+PRIOR_GRANULARITIES = ("scalar", "layer", "diag")
 # "newton": analytic Newton steps on log delta (a scalar prior without noise tuning only).
 TUNING_OPTIMIZERS = ("newton", "lbfgs", "adam")
 

@@ -26,10 +26,15 @@ from torch import Tensor
 
 from .spectrum import Spectrum
 
-__all__ = ["BlockOps", "DiagBlock"]
+__all__ = ["BlockOps", "DiagBlock", "is_uniform"]
 
 Num = Tensor | float
 Fn = Callable[[Tensor], Tensor]
+
+
+def is_uniform(delta: Tensor | float) -> bool:
+    """A damping ``delta I`` (a number), not eigenvalue-shaped (:mod:`~laplace_kron.diagprior`)."""
+    return not isinstance(delta, Tensor) or delta.ndim == 0
 
 
 class BlockOps:
@@ -61,7 +66,9 @@ class BlockOps:
     def logdet(self, scale: Tensor | float = 1.0, delta: Tensor | float = 0.0) -> Tensor:
         """``log det(scale * K + delta I)`` (float64, differentiable in ``scale`` and ``delta``);
         ``-inf`` for a singular block with ``delta = 0``. Computed by :mod:`~laplace_kron.spectrum`,
-        the library's one log-determinant path."""
+        the library's one log-determinant path; an eigenvalue-shaped ``delta`` directly."""
+        if not is_uniform(delta):
+            return torch.log(self.damped_eigvals(scale, delta).to(torch.float64)).sum()
         return Spectrum.from_blocks([self.eigvals()]).logdet(scale, delta)
 
 

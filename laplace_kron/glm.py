@@ -65,7 +65,7 @@ from .glm_blocks import (
     kind_pairs,
     rotate_block,
 )
-from .kron import DiagBlock, KronBlock
+from .kron import DiagBlock, KronBlock, per_block
 from .posterior import KronPosterior
 from .sampling import check_at_mean, check_differentiable, check_predictable
 from .validation import positive_int
@@ -109,12 +109,11 @@ def _plans(la: KronPosterior) -> tuple[list[LayerSpec], list[_Plan]]:
         for n in (s.weight_name, s.bias_name):
             if n is not None:
                 owner[n] = i
-    dtype = curv.blocks[0].dtype
-    scale = la.precision_scale().to(dtype)
+    scale, deltas = la.damping()
     plans = []
-    for b, d in zip(curv.blocks, la.block_deltas(), strict=True):
+    for b, d in zip(curv.blocks, per_block(deltas, len(curv.blocks)), strict=True):
         if isinstance(b, DiagBlock):
-            plans.append(_Plan(b, -1, scale, d.to(dtype)))
+            plans.append(_Plan(b, -1, scale, d))
             continue
         layers = {owner.get(n) for n in b.param_names}
         if len(layers) != 1 or None in layers:
@@ -124,7 +123,8 @@ def _plans(la: KronPosterior) -> tuple[list[LayerSpec], list[_Plan]]:
             )
         # The block with its output factor in G (a [d_in, d_out] weight's block is swapped).
         li = layers.pop()
-        plans.append(_Plan(specs[li].standard_block(b), li, scale, d.to(dtype)))
+        std = specs[li].standard_block(b)  # a per-parameter damping [d_out, d_in] swaps with it
+        plans.append(_Plan(std, li, scale, d.mT if std is not b and d.ndim == 2 else d))
     return specs, plans
 
 

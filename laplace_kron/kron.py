@@ -27,13 +27,13 @@ Only ``to_dense()`` ever forms a ``P x P`` matrix.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from .diagblock import BlockOps, DiagBlock
+from .diagblock import BlockOps, DiagBlock, is_uniform
 from .factors import (
     Eigen,
     dense_factor,
@@ -53,7 +53,6 @@ __all__ = [
     "Eigen",
     "KronBlock",
     "KronCurvature",
-    "add_curvatures",
     "per_block",
     "symeig",
 ]
@@ -228,17 +227,17 @@ class KronBlock(BlockOps):
         self, mat: Tensor, scale: Tensor | float = 1.0, delta: Tensor | float = 0.0
     ) -> Tensor:
         """``(scale * K + delta I) vec(mat)`` in matrix form. KFAC uses the factors directly."""
-        if self.eigenvalues is None:
+        if self.eigenvalues is None and is_uniform(delta):
             out = mat if self.A is None else right_mul(mat, self.A)
             return scale * left_mul(self.G, out) + delta * mat
         return self.apply_fn(mat, None, scale, delta)
 
     def trace(self, scale: Tensor | float = 1.0, delta: Tensor | float = 0.0) -> Tensor:
         """``tr(scale * K + delta I)``."""
-        if self.eigenvalues is None:  # sum over the groups of tr(G_g) tr(A_g) for a grouped block
+        if self.eigenvalues is None and is_uniform(delta):  # summed over groups if grouped
             tr_a = 1.0 if self.A is None else factor_trace(self.A)
             return scale * (factor_trace(self.G) * tr_a).sum() + delta * self.n_params
-        return (scale * self.eigenvalues + delta).sum()
+        return self.damped_eigvals(scale, delta).sum()
 
     def param_permutation(self) -> Tensor:
         """Index ``perm`` with ``vec_param[perm] = mat.flatten()`` (Kronecker -> parameter order)."""
@@ -252,7 +251,8 @@ class KronBlock(BlockOps):
         fn: Callable[[Tensor], Tensor] | None = None,
     ) -> Tensor:
         """Dense ``f(scale * K + delta I)`` ``[P_block, P_block]`` in parameter order (tests only)."""
-        if fn is None and self.eigenvalues is None and len(self.row_shape) == 1:
+        plain = fn is None and self.eigenvalues is None and is_uniform(delta)
+        if plain and len(self.row_shape) == 1:
             A = torch.ones(1, 1, dtype=self.dtype, device=self.device) if self.A is None else self.A
             kron = scale * torch.kron(dense_factor(self.G), dense_factor(A))
             kron = kron + delta * torch.eye(self.n_params, dtype=self.dtype, device=self.device)
@@ -303,7 +303,9 @@ Block = KronBlock | DiagBlock
 
 def per_block(value: Tensor | float, n_blocks: int) -> list[Tensor | float]:
     """Broadcast a scalar or a ``[n_blocks]`` tensor to one value per block (the one place where a
-    prior precision is broadcast over blocks)."""
+    prior precision is broadcast over blocks); a list is taken as one value per block already."""
+    if isinstance(value, list) and len(value) == n_blocks:
+        return value
     if isinstance(value, Tensor) and value.ndim > 0:
         if value.numel() == 1:
             return [value.reshape(())] * n_blocks
@@ -426,6 +428,8 @@ class KronCurvature:
     def logdet(self, scale=1.0, delta=0.0) -> Tensor:
         """``log det(scale * H + delta)`` (float64; ``delta`` scalar or per block), through the
         compressed spectrum (:mod:`~laplace_kron.spectrum`)."""
+        if isinstance(delta, list):  # eigenvalue-shaped dampings (:mod:`~laplace_kron.diagprior`)
+            return sum(b.logdet(scale, d) for b, d in zip(self.blocks, delta, strict=True))
         deltas = per_block(torch.as_tensor(delta, dtype=torch.float64), len(self.blocks))
         spec = Spectrum.from_blocks([b.eigvals() for b in self.blocks])
         return spec.logdet(scale, torch.stack(deltas))
@@ -451,51 +455,3 @@ class KronCurvature:
             f"KronCurvature(kind={self.kind!r}, blocks={len(self.blocks)}, P={self.n_params}, "
             f"N={self.num_data}, likelihood={self.likelihood!r}, fisher={self.fisher!r})"
         )
-
-
-def add_curvatures(
-    old: KronCurvature, new: KronCurvature, swapped: Collection[str] = ()
-) -> KronCurvature:
-    """The KFAC curvature of the union of two data sets from the curvatures of each: ``G`` and
-    diagonal values add, ``A = (N_1 A_1 + N_2 A_2) / (N_1 + N_2)`` (a mean over data), losses
-    and counts add. ``swapped``: names of weights stored ``[d_in, d_out]`` whose blocks hold the
-    input factor in the ``G`` slot (:meth:`LayerSpec.standard_block`). Both must have the same
-    blocks; EKFAC is refused (its eigenvalue corrections live in a basis that changes with the
-    data: fit it on all data at once)."""
-    if "ekfac" in (old.kind, new.kind):
-        raise ValueError(
-            "EKFAC curvatures cannot be accumulated over separate fits (the eigenbasis changes "
-            "with the data): fit EKFAC on all the data at once, or use curvature='kfac'"
-        )
-    layout = [(type(b).__name__, b.param_names, b.bias_joint) for b in old.blocks]
-    if layout != [(type(b).__name__, b.param_names, b.bias_joint) for b in new.blocks]:
-        raise ValueError("the curvatures cover different blocks; fit with the same settings")
-    if (old.likelihood, old.fisher) != (new.likelihood, new.fisher):
-        raise ValueError("the curvatures differ in likelihood or Fisher type")
-    n1, n2 = old.num_data, new.num_data
-
-    def mean(f1: Tensor | None, f2: Tensor | None) -> Tensor | None:
-        return None if f1 is None else (n1 * f1 + n2 * f2) / (n1 + n2)
-
-    blocks: list[Block] = []
-    for b1, b2 in zip(old.blocks, new.blocks, strict=True):
-        if isinstance(b1, DiagBlock):
-            blocks.append(DiagBlock(b1.values + b2.values, b1.param_names, b1.param_shapes))
-            continue
-        if b1.param_names[0] in swapped and b1.A is not None:
-            G, A = mean(b1.G, b2.G), b1.A + b2.A
-        else:
-            G, A = b1.G + b2.G, mean(b1.A, b2.A)
-        blocks.append(type(b1)(G, A, b1.param_names, b1.param_shapes, b1.bias_joint))
-    return KronCurvature(
-        blocks,
-        list(old.param_names),
-        n1 + n2,
-        likelihood=old.likelihood,
-        fisher=old.fisher,
-        loss=old.loss + new.loss,
-        sse=old.sse + new.sse,
-        n_outputs=old.n_outputs,
-        kind="kfac",
-        n_observed=old.observed_targets + new.observed_targets,
-    )

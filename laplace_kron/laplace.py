@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import os
 
+import torch
 from torch import Tensor, nn
 
 from . import io, marglik, predictive
 from .constants import POSTERIOR_FORMAT
+from .diagprior import DiagPrior, is_per_parameter, param_deltas
 from .kron import KronBlock, KronCurvature
 from .optim import EKFAC, KroneckerPreconditioner
 from .output_noise import noise_weights, per_output_logdet
@@ -46,22 +48,33 @@ class KronLaplace(KronPosterior):
         return marglik.log_likelihood(self, sigma_noise)
 
     def log_det_posterior_precision(self, prior_precision=None, sigma_noise=None) -> Tensor:
-        """``log det Lambda = sum_l sum_ij log(c lambda_l,ij + delta_l)`` (float64)."""
+        """``log det Lambda = sum_l sum_ij log(c lambda_l,ij + delta_l)`` (float64; per
+        parameter: ``sum log(c E + D~)``, :mod:`~laplace_kron.diagprior`)."""
         if self.output_factors is not None:  # per-output noise: the eigenvalues depend on it
             sigma = self.sigma_noise if sigma_noise is None else sigma_noise
             w = noise_weights(sigma).expand(self.output_factors.n_outputs)
             deltas = self.block_deltas(prior_precision).double()
             return per_output_logdet(self.output_factors, w, deltas, 1.0 / self.temperature)
         c = self.precision_scale(sigma_noise)
-        return self.spectrum().logdet(c, self.block_deltas(prior_precision))
+        d = self._prior(prior_precision)
+        if is_per_parameter(d, self.require_fit()):
+            return DiagPrior.of(self.curvature).logdet(c, d.to(c.dtype))
+        return self.spectrum().logdet(c, self.block_deltas(d))
 
     def log_det_prior_precision(self, prior_precision=None) -> Tensor:
-        """``sum_l P_l log delta_l``."""
-        return (self.spectrum().sizes * self.block_deltas(prior_precision).log()).sum()
+        """``sum_i log delta_i`` over the parameters (``sum_l P_l log delta_l`` per block)."""
+        d = self._prior(prior_precision)
+        return param_deltas(d, self.require_fit()).to(torch.float64).log().sum()
+
+    def _prior(self, value) -> Tensor:
+        """The posterior's prior precision, or ``value`` as a float64 tensor (autograd kept)."""
+        return self.prior_precision if value is None else torch.as_tensor(value).double()
 
     def scatter(self, prior_precision=None) -> Tensor:
-        """``sum_l delta_l ||theta*_l||^2`` (zero prior mean)."""
-        return (self.block_deltas(prior_precision) * self.spectrum().sq).sum()
+        """``sum_i delta_i (theta*_i - mu_i)^2``."""
+        deltas = param_deltas(self._prior(prior_precision), self.require_fit())
+        sq = self.mean if self.prior_mean is None else self.mean - self.prior_mean
+        return (deltas * sq.to(deltas.device, torch.float64).square()).sum()
 
     def log_marginal_likelihood(
         self, prior_precision: Tensor | None = None, sigma_noise: Tensor | None = None

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -33,7 +33,9 @@ from . import io
 from .block_state import block_state, parse_block
 from .constants import LIKELIHOODS, POSTERIOR_CURVATURES
 from .curvature import CurvatureFitter, CurvatureOptions, LayerSpec
-from .kron import KronCurvature, add_curvatures, per_block
+from .diagprior import block_dampings, block_values, check_prior_length
+from .kron import KronCurvature
+from .kron_sum import add_curvatures
 from .output_noise import OutputFactors, noisy_curvature, set_sigma_noise
 from .spectrum import Spectrum
 from .validation import Checked, flat_vector, positive, positive_int
@@ -48,7 +50,7 @@ class DampedKron:
 
     curvature: KronCurvature
     scale: Tensor
-    delta: Tensor
+    delta: Tensor | list[Tensor]
     power: int = 1
 
     def to_dense(self) -> Tensor:
@@ -77,7 +79,9 @@ class KronPosterior:
         model: trained network (at the MAP); its current parameters are the posterior mean.
         likelihood: ``"classification"``, ``"regression"`` or ``"binary"``.
         curvature: ``"kfac"`` or ``"ekfac"``.
-        prior_precision: ``delta``, a positive scalar or one value per block.
+        prior_precision: ``delta``, a positive scalar, one value per block, or one per covered
+            parameter (a vector ``[P]`` in :attr:`param_names` order or a mapping name -> tensor
+            shaped like the parameter; :mod:`~laplace_kron.diagprior` for Kronecker blocks).
         sigma_noise: observation noise (regression only): a scalar, or one value per output
             ``[C]`` (per-output noise, :mod:`~laplace_kron.output_noise`; given before
             :meth:`fit`, it makes the fit keep per-output factors; needs ``fisher="exact"``).
@@ -151,24 +155,29 @@ class KronPosterior:
     @prior_mean.setter
     def prior_mean(self, value) -> None:
         if value is not None:
-            shapes = dict((n, p.shape) for n, p in self.model.named_parameters())
-            names = self.fitter.param_names
-            like = self.flat_parameters()
-            value = flat_vector("prior_mean", value, names, [shapes[n] for n in names], like)
+            value = self._flat_vector("prior_mean", value, self.flat_parameters())
         self._prior_mean, self._spectrum = value, None
+
+    def _flat_vector(self, name: str, value, like: Tensor) -> Tensor:
+        shapes = dict((n, p.shape) for n, p in self.model.named_parameters())
+        names = self.fitter.param_names
+        return flat_vector(name, value, names, [shapes[n] for n in names], like)
 
     @property
     def prior_precision(self) -> Tensor:
-        """``delta``: a 0-d tensor or one value per block ``[n_blocks]`` (float64)."""
+        """``delta``: a 0-d tensor, one value per block ``[n_blocks]`` or one per parameter
+        ``[P]`` (float64)."""
         return self._prior_precision
 
     @prior_precision.setter
     def prior_precision(self, value) -> None:
+        if isinstance(value, Mapping):  # one precision per parameter, by name
+            value = self._flat_vector("prior_precision", value, torch.zeros(0, dtype=torch.float64))
         t = positive("prior_precision", value)
         if t.ndim == 1 and t.numel() == 1:
             t = t.reshape(())
-        if t.ndim == 1 and self.curvature is not None:
-            self.block_deltas(t)  # validates the length
+        if self.curvature is not None:
+            check_prior_length(t, self.curvature)
         self._prior_precision = t
 
     # ------------------------------------------------------------------ fitting
@@ -185,7 +194,7 @@ class KronPosterior:
         ``data`` yields ``(inputs, targets)`` batches; EKFAC iterates it twice. With
         ``checkpoint`` the accumulation is saved every ``checkpoint_every`` batches and a call
         with the same path resumes an interrupted fit. ``reset=False`` adds ``data`` to the
-        curvature already fitted (KFAC: :func:`~laplace_kron.kron.add_curvatures`), e.g. data
+        curvature already fitted (KFAC: :func:`~laplace_kron.kron_sum.add_curvatures`), e.g. data
         that arrives in parts; the parameters should not have moved in between. On error the
         previous fit (if any) is kept.
         """
@@ -205,11 +214,7 @@ class KronPosterior:
                 )
             swapped = {s.weight_name for s in self.specs if s.transposed and s.has_weight}
             curv = add_curvatures(self.curvature, curv, swapped)
-        if self.prior_precision.ndim == 1 and self.prior_precision.shape != (len(curv.blocks),):
-            raise ValueError(
-                f"prior_precision has {self.prior_precision.numel()} values but the fitted "
-                f"posterior has {len(curv.blocks)} blocks"
-            )
+        check_prior_length(self.prior_precision, curv)
         self._set_fit(curv, self.flat_parameters().clone(), self.fitter.output_factors(curv))
         return self
 
@@ -229,8 +234,7 @@ class KronPosterior:
                 f"the curvature covers {curvature.param_names}, this posterior "
                 f"{self.fitter.param_names}; pass matching modules= / separate_bias="
             )
-        if self.prior_precision.ndim == 1:
-            per_block(self.prior_precision, len(curvature.blocks))  # validates the length
+        check_prior_length(self.prior_precision, curvature)
         self.curvature_type = curvature.kind
         self._set_fit(curvature, self.flat_parameters().clone())
         return self
@@ -299,9 +303,10 @@ class KronPosterior:
         return 1.0 / (self.temperature * sigma**2)
 
     def block_deltas(self, prior_precision: Tensor | None = None) -> Tensor:
-        """The prior precision as one value per block, ``[n_blocks]`` (keeps autograd)."""
+        """The prior precision as one value per block, ``[n_blocks]`` (keeps autograd); a
+        per-parameter one has none (ValueError)."""
         d = self.prior_precision if prior_precision is None else prior_precision
-        return torch.stack(per_block(d, len(self.require_fit().blocks)))
+        return block_values(d, self.require_fit())
 
     def spectrum(self) -> Spectrum:
         """Cached compressed spectrum (non-zero eigenvalues, zero counts, ``||theta*_l||^2``).
@@ -321,10 +326,12 @@ class KronPosterior:
             )
         return self._spectrum
 
-    def damping(self) -> tuple[Tensor, Tensor]:
-        """``(c, delta)`` in the curvature's dtype: the scale of ``H`` and the prior precision."""
-        dtype = self.require_fit().blocks[0].dtype
-        return self.precision_scale().to(dtype), self.prior_precision.to(dtype)
+    def damping(self) -> tuple[Tensor, Tensor | list[Tensor]]:
+        """``(c, delta)`` in the curvature's dtype: the scale of ``H`` and the prior precision
+        (per parameter: each block's eigenvalue-shaped damping, :mod:`~laplace_kron.diagprior`)."""
+        curv = self.require_fit()
+        dtype = curv.blocks[0].dtype
+        return self.precision_scale().to(dtype), block_dampings(self.prior_precision, curv, dtype)
 
     @property
     def posterior_precision(self) -> DampedKron:
@@ -464,6 +471,5 @@ def _parse_state(state: dict) -> tuple[KronCurvature, Tensor, tuple[Tensor, Tens
         positive("sigma_noise", state["sigma_noise"]),
         float(positive("temperature", state["temperature"])),
     )
-    if hyper[0].ndim == 1 and hyper[0].numel() not in (1, len(blocks)):
-        raise ValueError("its prior_precision does not fit its blocks")
+    check_prior_length(hyper[0], curv)
     return curv, mean, hyper

@@ -97,6 +97,11 @@ def marglik_training(
     if n_epochs_burnin < 0:
         raise ValueError(f"n_epochs_burnin must be a non-negative integer, got {n_epochs_burnin!r}")
     positive("lr", lr)
+    if granularity not in ("scalar", "layer"):
+        raise ValueError(
+            f"marglik_training tunes granularity 'scalar' or 'layer', got {granularity!r} (its "
+            "training penalty is per block; tune a per-parameter prior after training instead)"
+        )
     if tune_sigma_noise is None:
         tune_sigma_noise = likelihood == "regression"
     la = KronLaplace(

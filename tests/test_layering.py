@@ -28,8 +28,10 @@ RANKS: dict[str, int] = {
     "kron": 2,
     "factors": 2,
     "kron_groups": 2,
+    "kron_sum": 2,
     "block_state": 2,
     "output_noise": 2,
+    "diagprior": 2,
     "curvature.": 3,  # the curvature package's modules
     "curvature": 4,  # its __init__
     "posterior": 5,
