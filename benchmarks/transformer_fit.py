@@ -160,6 +160,23 @@ def main() -> None:
     rows.append(
         ("laplace_kron KFAC, Conv1D blocks only", best(lambda: fit(modules=conv1d), args.repeats))
     )
+    rows.append(
+        (
+            "laplace_kron KFAC-reduce, whole network",
+            best(lambda: fit(weight_sharing="reduce"), args.repeats),
+        )
+    )
+    # The diagonal blocks' sums by the separate per-example (vmapped) pass, as before they came
+    # from the fit's own backward pass (curvature/diag_sums.py): the same numbers, slower.
+    from laplace_kron.curvature.diag_sums import DiagonalSums
+
+    fast_names = DiagonalSums.fast_names
+    DiagonalSums.fast_names = lambda *a: []
+    try:
+        name = "laplace_kron KFAC, whole network, diagonal blocks by the per-example pass"
+        rows.append((name, best(fit, args.repeats)))
+    finally:
+        DiagonalSums.fast_names = fast_names
     curv = fit()
     kron = [b for b in curv.blocks if isinstance(b, lk.kron.KronBlock)]
     big = max(b.n_params for b in kron)
