@@ -180,6 +180,45 @@ def test_unseen_use_is_refused():
         _fit(Odd().eval(), torch.randn(3, 4), torch.randint(0, 3, (3,)))
 
 
+def test_module_weight_used_outside_its_call_is_refused():
+    """An nn.Linear / nn.Conv2d called as a module whose weight is also used elsewhere in the
+    forward: the hooks see only the module's call, so the block would be silently wrong (it was:
+    0.83 relative error on one datum). Refused; the layer applied twice through its module stays
+    accepted (both calls are captured)."""
+    torch.manual_seed(0)
+
+    class Extra(nn.Module):
+        def __init__(self, conv=False):
+            super().__init__()
+            self.conv = conv
+            self.lin = nn.Conv2d(3, 3, 1) if conv else nn.Linear(3, 3)
+
+        def forward(self, x):
+            if self.conv:
+                h = self.lin(x[:, :, None, None]).flatten(1)
+                return h + x * self.lin.weight.flatten(1).sum(0)
+            return self.lin(x) + x * self.lin.weight.sum(0)
+
+    x, y = torch.randn(4, 3), torch.randint(0, 3, (4,))
+    for conv in (False, True):
+        with pytest.raises(ValueError, match="used outside the module's own call"):
+            _fit(Extra(conv).eval(), x, y)
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.lin(torch.tanh(self.lin(x)))
+
+    _fit(Twice().eval(), x, y)
+    # train-mode batch norm couples the data points but uses no weight elsewhere: accepted
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)).train()
+    with pytest.warns(UserWarning, match="train mode"):
+        lk.kfac(model, [(x, y)], "classification", modules=["0", "2"])
+
+
 def test_glm_covariance_and_save_load_dense(tmp_path):
     """GLM covariance with Conv1D / attention / tied blocks (KFAC and EKFAC) = dense
     J Sigma J^T from the library's own dense posterior; save / load keeps the blocks."""

@@ -20,6 +20,7 @@ def _load(study: str):
         f"_experiment_{study}", EXPERIMENTS / f"{study}.py"
     )
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 
@@ -119,3 +120,30 @@ def test_optimizers_quick(tmp_path):
         # cumulative wall time per epoch
         assert 0.0 < r["curve_seconds"][0] <= r["curve_seconds"][1]
         assert 0.0 <= r["test_accuracy"] <= 1.0
+
+
+def test_architectures_quick(tmp_path):
+    """Every architecture's blocks equal the exact GGN (Kronecker: one datum, one position;
+    diagonal: several data), the GLM covariance equals dense J Sigma J^T, tuning raises the
+    evidence and the predictive runs; the refusal table names each case."""
+    import pytest
+
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    run = _run("architectures", tmp_path, [])
+    rows = run["json"]["rows"]
+    assert len(rows) == 10
+    for r in rows:
+        for key in ("kron_err", "diag_err", "glm_err"):
+            v = r[key]
+            assert v is None or v < 1e-8, (r["architecture"], key, v)  # None: no such block
+        assert r["evidence_after"] > r["evidence_before"], r["architecture"]
+        assert "NO" not in r["predict"] and "False" not in r["predict"]
+        assert r["fit_over_epoch"] > 0
+    refused = {r["case"]: r["result"] for r in run["json"]["refusals"]}
+    assert refused["nn.Embedding(max_norm=1.0)"] == "0.weight: DiagBlock"
+    assert refused["MC Fisher with a tensor sigma_noise"].startswith("refused")
+    assert (
+        "module's own call"
+        in refused["nn.Linear weight also used outside its module call (x * W.sum(0))"]
+    )

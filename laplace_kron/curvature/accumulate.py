@@ -144,17 +144,20 @@ class FactorAccumulator:
     def _check_uses(self, cap: Capture, b: FitBatch) -> None:
         """Once per accumulator: the layers captured by parameter use must account for their
         parameters' whole gradient (one random output vector, :func:`check_uses`)."""
-        specs = [s for s in self.specs if s.by_use]
+        # Module-hooked linear layers and ungrouped convolutions too: their weight may also be
+        # used outside the module's call (e.g. ``x * layer.weight``), which hooks cannot see.
+        specs = [s for s in self.specs if s.by_use or (s.groups == 1 and not s.transposed)]
         self._uses_checked = True
         if not specs:
             return
         gen = torch.Generator(device=b.f.device).manual_seed(0)
         v = torch.randn(b.f.shape, generator=gen, dtype=b.f.dtype, device=b.f.device)
         v[b.f.shape[0] // b.num_data :] = 0  # the first data point only: see check_uses
-        wanted = [t for s in specs for t in (s.weight, s.bias) if t is not None and t.requires_grad]
+        pairs = [_weight_bias(s) for s in specs]
+        wanted = [t for pair in pairs for t in pair if t is not None and t.requires_grad]
         got = torch.autograd.grad(b.f, wanted, v, retain_graph=True, allow_unused=True)
         by_id = {id(t): g for t, g in zip(wanted, got, strict=True)}
-        params = [(by_id.get(id(s.weight)), by_id.get(id(s.bias))) for s in specs]
+        params = [(by_id.get(id(w)), by_id.get(id(bias))) for w, bias in pairs]
         index = [self.specs.index(s) for s in specs]
         grads = next(cap.iter_output_gradients(b.f, v.unsqueeze(0), retain_graph=True))
         with torch.no_grad():
@@ -460,3 +463,11 @@ def input_order(spec: LayerSpec, device: torch.device) -> Tensor | None:
     if spec.joint:
         idx = torch.cat([idx, idx.new_tensor([idx.numel()])])
     return idx.to(device)
+
+
+def _weight_bias(spec: LayerSpec) -> tuple[Tensor | None, Tensor | None]:
+    """The covered weight and bias tensors of a layer (``None`` where not covered)."""
+    if spec.by_use:
+        return spec.weight, spec.bias
+    m = spec.module
+    return (m.weight if spec.has_weight else None), (m.bias if spec.has_bias else None)

@@ -201,11 +201,23 @@ def check_uses(specs: list[LayerSpec], grads: list[Tensor], inputs: list[Tensor]
         mine = _use_gradients(spec, g[:, :1], a[:1])
         others = _use_gradients(spec, g[:, 1:], a[1:])
         trues = [t for t, has in ((gw, spec.has_weight), (gb, spec.has_bias)) if has]
-        for m, other, true in zip(mine, others, trues, strict=True):
+        # the size of the summed terms: a gradient that cancels to ~0 (an attention key's bias)
+        # is compared at its terms' round-off, not at its own
+        sizes = [None] * len(trues) if spec.by_use else _use_gradients(spec, g.abs(), a.abs())
+        for m, other, true, size in zip(mine, others, trues, sizes, strict=True):
             if true is not None and true.is_sparse:  # nn.Embedding(sparse=True)
                 true = true.to_dense()
             true = torch.zeros_like(m) if true is None else true.reshape(m.shape)
             scale = true.abs().max().clamp_min(m.abs().max()).clamp_min(1e-30)
+            if size is not None:  # module hooks: data may interact (train-mode batch norm)
+                if (m + other - true).abs().max() > 1e-4 * scale.clamp_min(size.abs().max()):
+                    raise ValueError(
+                        f"layer {spec.name!r} ({type(spec.module).__name__}): its weight is also "
+                        "used outside the module's own call (e.g. x * layer.weight), which the "
+                        "module hooks do not see, so its Kronecker block would be wrong. Use the "
+                        "weight only through the module, or leave it out of modules=[...]"
+                    )
+                continue
             if other.numel() and other.abs().max() > 1e-4 * scale:
                 raise ValueError(
                     f"layer {spec.name!r}: the gradient of one data point reaches positions "
