@@ -114,3 +114,18 @@ def assert_penalty_is_quadratic(ol, model: nn.Module, Lam: Tensor) -> None:
             p.add_(0.01 * torch.randn_like(p))
     d = torch.cat([p.detach().flatten() for p in model.parameters()]) - theta0
     torch.testing.assert_close(ol.penalty(), 0.5 * ol.strength * d @ Lam @ d)
+
+
+class Crash:
+    """Yields batches and raises ``KeyboardInterrupt`` after ``at`` batches in total (over all
+    passes): a fit killed mid-way, for checkpoint tests."""
+
+    def __init__(self, batches, at):
+        self.batches, self.at, self.n = batches, at, 0
+
+    def __iter__(self):
+        for b in self.batches:
+            if self.n == self.at:
+                raise KeyboardInterrupt("simulated crash")
+            self.n += 1
+            yield b

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _dense import MLP, make_data
+from _dense import MLP, Crash, make_data
 
 from laplace_kron import KronLaplace
 from laplace_kron.curvature import CurvatureFitter
@@ -56,20 +56,6 @@ class Slow:
     def __iter__(self):
         for b in self.batches:
             time.sleep(self.delay)
-            yield b
-
-
-class Crash:
-    """Yields batches and raises after ``at`` batches in total (over all passes)."""
-
-    def __init__(self, batches, at):
-        self.batches, self.at, self.n = batches, at, 0
-
-    def __iter__(self):
-        for b in self.batches:
-            if self.n == self.at:
-                raise KeyboardInterrupt("simulated crash")
-            self.n += 1
             yield b
 
 

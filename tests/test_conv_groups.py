@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from _dense import assert_penalty_is_quadratic, exact_ggn, jacobian, make_data, rel_err
+from _dense import Crash, assert_penalty_is_quadratic, exact_ggn, jacobian, make_data, rel_err
 from torch import nn
 
 import laplace_kron as lk
@@ -230,18 +230,6 @@ def test_grouped_ekfac_eigenvalues_and_ewc_diagonal_are_the_definition():
     torch.testing.assert_close(torch.cat([v.flatten() for v in diag.values()]), H)
 
 
-class _Crash:
-    def __init__(self, batches, at):
-        self.batches, self.at, self.seen = batches, at, 0
-
-    def __iter__(self):
-        for b in self.batches:
-            if self.seen == self.at:
-                raise KeyboardInterrupt
-            self.seen += 1
-            yield b
-
-
 def test_grouped_checkpoint_resume_and_empty_rank_shapes(tmp_path, monkeypatch):
     model = _grouped_model()
     x, y = make_data("classification", 8, 3, (4, 5, 5))
@@ -249,7 +237,7 @@ def test_grouped_checkpoint_resume_and_empty_rank_shapes(tmp_path, monkeypatch):
     path = tmp_path / "ck.pt"
     with pytest.raises(KeyboardInterrupt):
         CurvatureFitter(model, "classification", fisher="exact").fit_ekfac(
-            _Crash(batches, 5), checkpoint=path, checkpoint_every=1
+            Crash(batches, 5), checkpoint=path, checkpoint_every=1
         )
     resumed = CurvatureFitter(model, "classification", fisher="exact").fit_ekfac(
         batches, checkpoint=path, checkpoint_every=1

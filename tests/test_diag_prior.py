@@ -10,6 +10,8 @@ J^T``; Bayesian linear regression in closed form.
 import pytest
 import torch
 from _dense import jacobian, rel_err
+from test_capture_uses import HFConv1D
+from test_diagonal_blocks import Scale
 from torch import nn
 
 import laplace_kron as lk
@@ -17,33 +19,6 @@ from laplace_kron.diagprior import DiagPrior, param_deltas
 from laplace_kron.kron import DiagBlock
 
 DEFAULT_DTYPE = torch.float64  # applied per test by conftest.py
-
-
-class HFConv1D(nn.Module):
-    """Hugging Face's Conv1D (``x @ W + b`` with ``W [in, out]``): a transposed use."""
-
-    def __init__(self, nf, nx):
-        super().__init__()
-        self.nf = nf
-        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.7)
-        self.bias = nn.Parameter(torch.randn(nf) * 0.3)
-
-    def forward(self, x):
-        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight)
-
-
-HFConv1D.__name__ = "Conv1D"
-
-
-class Scale(nn.Module):
-    """A parameter no Kronecker factorisation covers: a diagonal block."""
-
-    def __init__(self, d):
-        super().__init__()
-        self.gain = nn.Parameter(torch.randn(d) * 0.3 + 1)
-
-    def forward(self, x):
-        return x * self.gain
 
 
 class Net(nn.Sequential):

@@ -310,21 +310,10 @@ def test_refusals_name_the_fix():
 
 
 def test_bert_embeddings_one_token_exact_and_padded_equals_unpadded():
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(
-        vocab_size=13,
-        hidden_size=8,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=12,
-        max_position_embeddings=8,
-        num_labels=3,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        attn_implementation="eager",
-    )
-    model = transformers.BertForSequenceClassification(cfg).to(DT).eval()
+    pytest.importorskip("transformers")
+    from test_huggingface import _bert
+
+    model, _ = _bert(vocab=13, positions=8)
     names = [f"bert.embeddings.{e}_embeddings.weight" for e in ("word", "position", "token_type")]
     batch = {"input_ids": torch.tensor([[5]]), "labels": torch.tensor([1])}
     curv = lk.kfac(model, [batch], "classification", fisher="exact")

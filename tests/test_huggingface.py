@@ -120,15 +120,16 @@ def test_llama_lora_one_token_every_block_is_the_exact_ggn_block():
         assert float((K[idx][:, idx] - blk).norm()) <= 1e-6 * float(dense.norm())
 
 
-def _bert():
+def _bert(vocab: int = VOCAB, positions: int = 16):
+    """A tiny BERT sequence classifier (3 labels) and its nn.Linear layers' names."""
     torch.manual_seed(0)
     cfg = transformers.BertConfig(
-        vocab_size=VOCAB,
+        vocab_size=vocab,
         hidden_size=8,
         num_hidden_layers=1,
         num_attention_heads=2,
         intermediate_size=12,
-        max_position_embeddings=16,
+        max_position_embeddings=positions,
         num_labels=3,
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,

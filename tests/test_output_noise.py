@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from _dense import CNN, MLP, jacobian, make_data, rel_err
+from _dense import CNN, MLP, Crash, jacobian, make_data, rel_err
 from scipy.optimize import minimize
 from torch import nn
 
@@ -344,20 +344,6 @@ def test_newton_prior_tuning_uses_the_noise_weighted_spectrum():
     )
 
 
-class _Crash:
-    """Yields batches, raises after ``at`` batches over all passes."""
-
-    def __init__(self, batches, at):
-        self.batches, self.at, self.n = batches, at, 0
-
-    def __iter__(self):
-        for b in self.batches:
-            if self.n == self.at:
-                raise KeyboardInterrupt("simulated crash")
-            self.n += 1
-            yield b
-
-
 @pytest.mark.parametrize("at", [2, 6])  # in the KFAC pass, in the EKFAC pass
 def test_checkpointed_fit_resumes_exactly(tmp_path, at):
     torch.manual_seed(0)
@@ -371,14 +357,14 @@ def test_checkpointed_fit_resumes_exactly(tmp_path, at):
         return lk.KronLaplace(model, "regression", "ekfac", **kw)
 
     with pytest.raises(KeyboardInterrupt):
-        la().fit(_Crash(batches, at), checkpoint=path, checkpoint_every=1)
+        la().fit(Crash(batches, at), checkpoint=path, checkpoint_every=1)
     resumed = la().fit(batches, checkpoint=path, checkpoint_every=1)
     ref = la().fit(batches)
     assert torch.equal(resumed.posterior_precision.to_dense(), ref.posterior_precision.to_dense())
     assert torch.equal(resumed.log_marginal_likelihood(), ref.log_marginal_likelihood())
     # A scalar-noise fit cannot resume a per-output checkpoint.
     with pytest.raises(KeyboardInterrupt):
-        la().fit(_Crash(batches, 2), checkpoint=path, checkpoint_every=1)
+        la().fit(Crash(batches, 2), checkpoint=path, checkpoint_every=1)
     with pytest.raises(ValueError, match="per-output sums"):
         lk.KronLaplace(model, "regression", "ekfac", fisher="exact").fit(
             batches, checkpoint=path, checkpoint_every=1
