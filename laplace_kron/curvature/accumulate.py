@@ -155,11 +155,12 @@ class FactorAccumulator:
         v[b.f.shape[0] // b.num_data :] = 0  # the first data point only: see check_uses
         pairs = [_weight_bias(s) for s in specs]
         wanted = [t for pair in pairs for t in pair if t is not None and t.requires_grad]
-        got = torch.autograd.grad(b.f, wanted, v, retain_graph=True, allow_unused=True)
+        # one backward pass for the layers' output-gradients and the parameters' gradients
+        grads = next(cap.iter_output_gradients(b.f, v.unsqueeze(0), True, wanted))
+        got = grads.pop() if wanted else []
         by_id = {id(t): g for t, g in zip(wanted, got, strict=True)}
         params = [(by_id.get(id(w)), by_id.get(id(bias))) for w, bias in pairs]
         index = [self.specs.index(s) for s in specs]
-        grads = next(cap.iter_output_gradients(b.f, v.unsqueeze(0), retain_graph=True))
         with torch.no_grad():
             gs = [group_by_datum(grads[li], b.num_data, s.name, 1) for li, s in zip(index, specs)]
             a = [group_by_datum(cap.layer_inputs(s), b.num_data, s.name) for s in specs]
