@@ -30,7 +30,6 @@ are the network's needs none (``g_k = e_k``). Diagonal blocks contribute ``sum_i
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -51,8 +50,6 @@ from .curvature.capture import (
     Capture,
     LayerSpec,
     flatten_output,
-    join_use_gradients,
-    output_rows,
 )
 from .curvature.diagonal import DiagonalGradients
 from .glm_blocks import (
@@ -63,6 +60,7 @@ from .glm_blocks import (
     diag_block_moments,
     embedding_features,
     kind_pairs,
+    layer_output_gradients,
     rotate_block,
 )
 from .kron import DiagBlock, KronBlock, per_block
@@ -128,53 +126,11 @@ def _plans(la: KronPosterior) -> tuple[list[LayerSpec], list[_Plan]]:
     return specs, plans
 
 
-def _output_gradients(
-    cap: Capture, specs: list[LayerSpec], f: Tensor, vectorize: bool
-) -> tuple[list[Tensor], bool]:
-    """Gradients of every output ``f[:, k]`` w.r.t. each layer's outputs: per layer
-    ``[C, b, T, d_out]``. One vmapped backward pass (``is_grads_batched``) when ``vectorize``,
-    else (or if vmap fails) one backward pass per output. Returns whether vmap worked."""
-    b, C = f.shape
-    if not specs:  # only diagonal blocks
-        return [], vectorize
-    vectors = torch.eye(C, dtype=f.dtype, device=f.device).unsqueeze(1).expand(C, b, C)
-    if vectorize:
-        outs = [o for s in specs for o in s.outputs]
-        try:
-            grads = torch.autograd.grad(
-                f, outs, vectors, retain_graph=True, allow_unused=True, is_grads_batched=True
-            )
-        except (RuntimeError, NotImplementedError) as e:
-            warnings.warn(
-                f"batched backward (vmap) failed ({e}); using one backward pass per output. Pass "
-                "vectorize=False to skip the attempt.",
-                stacklevel=4,
-            )
-        else:
-            result, i = [], 0
-            for s in specs:
-                if s.by_use:  # uses of one weight (row slices, flattened positions) joined
-                    c = len(s.outputs)
-                    parts = [
-                        o.new_zeros(C, *o.shape) if g is None else g
-                        for o, g in zip(s.outputs, grads[i : i + c])
-                    ]
-                    result.append(join_use_gradients(s, parts, lead=1))
-                    i += c
-                    continue
-                gs = []
-                for o, x in zip(s.outputs, s.inputs, strict=True):
-                    g = grads[i]
-                    g = o.new_zeros(C, *o.shape) if g is None else g
-                    # Convolutions: channel-first [C, b, d_out, T], returned as a transposed view.
-                    gs.append(output_rows(s.module, g.flatten(0, 1), x).unflatten(0, (C, -1)))
-                    i += 1
-                result.append(gs[0] if len(gs) == 1 else torch.cat(gs, dim=2))
-            return result, True
-    return cap.output_gradients(f, vectors), False
-
-
 # --------------------------------------------------------------------------------------------------
+# Numbers one input may need before the GLM predictive refuses it (8 GB in float32): beyond that
+# the moments of even a single input cannot be formed (e.g. a language model's [T V] outputs).
+MAX_INPUT_ELEMENTS = 2**31
+
 # One pass over the test inputs in chunks
 # --------------------------------------------------------------------------------------------------
 
@@ -250,12 +206,27 @@ class GLMPass:
         check_at_mean(la)
         self.tail: torch.Size | None = None
         self.C, shared, sizes = self._probe()
+        self._check_feasible(self._per_input(kind, shared, sizes, extra))
         if batch_size is None:
             batch_size = max(1, chunk_size // self._per_input(kind, shared, sizes, extra))
         else:
             positive_int("batch_size", batch_size)
         self.batch_size = batch_size
         self._linvs: dict[int, Tensor] = {}
+
+    def _check_feasible(self, per_input: int) -> None:
+        """Refuse an input whose moments cannot be formed at all: one input is the floor of the
+        chunking, and the diagonal blocks need its Jacobian ``[C, P_diag]``."""
+        need = per_input + self.C * self.diag_grads.n_params
+        if need > MAX_INPUT_ELEMENTS:
+            raise ValueError(
+                f"the GLM predictive needs about {need:,} numbers for a single input "
+                f"({self.C:,} outputs per input, {self.diag_grads.n_params:,} diagonal-block "
+                f"parameters), more than {MAX_INPUT_ELEMENTS:,}: use method='glm_mc' "
+                "(linearised samples by forward-mode JVPs, memory independent of the number of "
+                "outputs) or method='nn', or cover fewer parameters or outputs (e.g. "
+                "modules='last_layer', shorter sequences)"
+            )
 
     def _per_input(self, kind: str, shared: set[int], sizes: list, extra: int) -> int:
         """Elements held per input (see the class docstring)."""
@@ -317,7 +288,9 @@ class GLMPass:
                     raise ValueError("the network output contains NaN or Inf for finite inputs")
                 shared = _identity_layers(specs, f)
                 rest = [s for i, s in enumerate(specs) if i not in shared]
-                g_rest, self.vectorize = _output_gradients(Capture(rest), rest, f2, self.vectorize)
+                g_rest, self.vectorize = layer_output_gradients(
+                    Capture(rest), rest, f2, self.vectorize
+                )
                 grads: list[Tensor | None] = [None] * len(specs)
                 for s, g in zip([i for i in range(len(specs)) if i not in shared], g_rest):
                     grads[s] = group_by_datum(g, b, specs[s].name, lead=1)

@@ -17,12 +17,13 @@ instead of the ``O(C^2)`` of the covariance.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .curvature.capture import LayerSpec
+from .curvature.capture import Capture, LayerSpec, join_use_gradients, output_rows
 from .curvature.convs import rotate_groups
 from .curvature.embedding import token_mask, token_rank_one
 from .kron import KronBlock
@@ -35,6 +36,7 @@ __all__ = [
     "diag_block_moments",
     "embedding_features",
     "kind_pairs",
+    "layer_output_gradients",
     "rotate_block",
 ]
 
@@ -218,3 +220,49 @@ def diag_block_moments(J: Tensor, w: Tensor, kind: str, group: int) -> Tensor:
     if kind == "root":
         return J * w.sqrt()
     return _pairwise(J, 1, kind, group, lambda m: (m * w).sum(-1))
+
+
+def layer_output_gradients(
+    cap: Capture, specs: list[LayerSpec], f: Tensor, vectorize: bool
+) -> tuple[list[Tensor], bool]:
+    """Gradients of every output ``f[:, k]`` w.r.t. each layer's outputs: per layer
+    ``[C, b, T, d_out]``. One vmapped backward pass (``is_grads_batched``) when ``vectorize``,
+    else (or if vmap fails) one backward pass per output. Returns whether vmap worked."""
+    b, C = f.shape
+    if not specs:  # only diagonal blocks
+        return [], vectorize
+    vectors = torch.eye(C, dtype=f.dtype, device=f.device).unsqueeze(1).expand(C, b, C)
+    if vectorize:
+        outs = [o for s in specs for o in s.outputs]
+        try:
+            grads = torch.autograd.grad(
+                f, outs, vectors, retain_graph=True, allow_unused=True, is_grads_batched=True
+            )
+        except (RuntimeError, NotImplementedError) as e:
+            warnings.warn(
+                f"batched backward (vmap) failed ({e}); using one backward pass per output. Pass "
+                "vectorize=False to skip the attempt.",
+                stacklevel=4,
+            )
+        else:
+            result, i = [], 0
+            for s in specs:
+                if s.by_use:  # uses of one weight (row slices, flattened positions) joined
+                    c = len(s.outputs)
+                    parts = [
+                        o.new_zeros(C, *o.shape) if g is None else g
+                        for o, g in zip(s.outputs, grads[i : i + c])
+                    ]
+                    result.append(join_use_gradients(s, parts, lead=1))
+                    i += c
+                    continue
+                gs = []
+                for o, x in zip(s.outputs, s.inputs, strict=True):
+                    g = grads[i]
+                    g = o.new_zeros(C, *o.shape) if g is None else g
+                    # Convolutions: channel-first [C, b, d_out, T], returned as a transposed view.
+                    gs.append(output_rows(s.module, g.flatten(0, 1), x).unflatten(0, (C, -1)))
+                    i += 1
+                result.append(gs[0] if len(gs) == 1 else torch.cat(gs, dim=2))
+            return result, True
+    return cap.output_gradients(f, vectors), False

@@ -257,3 +257,29 @@ def test_gridsearch_does_not_warn_about_the_priors_it_visits():
         la.optimize_prior_precision(
             method="gridsearch", val_loader=[(x, y)], grid=[1e-8, 1e-4, 1.0, 1e4]
         )
+
+
+def test_glm_refuses_an_input_it_cannot_form_and_glm_mc_still_runs(monkeypatch):
+    """A single input whose GLM moments need more numbers than MAX_INPUT_ELEMENTS (a language
+    model's [T V] outputs with a tied vocabulary table: C^2 cotangents, a [C, P_diag] Jacobian)
+    is refused with the alternatives named, instead of an allocator crash."""
+    from laplace_kron import glm
+
+    torch.manual_seed(0)
+    V, T, D = 40, 5, 6
+    emb = nn.Embedding(V, D)
+    head = nn.Linear(D, V, bias=False)
+    head.weight = emb.weight  # tied: a diagonal block over V x D parameters
+    model = nn.Sequential(emb, nn.Tanh(), head).eval()
+    ids = torch.randint(0, V, (6, T))
+    la = lk.KronLaplace(model, "classification").fit([(ids, ids)])
+    C = T * V
+    need = C * C + C * V * D  # at least the cotangents and the diagonal-block Jacobian
+    monkeypatch.setattr(glm, "MAX_INPUT_ELEMENTS", need // 2)
+    with pytest.raises(ValueError, match="single input.*method='glm_mc'"):
+        la.predict(ids[:2])
+    probs = la.predict(ids[:2], method="glm_mc", n_samples=4)
+    assert probs.shape == (2, T, V)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2, T))
+    monkeypatch.setattr(glm, "MAX_INPUT_ELEMENTS", 100 * need)
+    assert la.predict(ids[:2]).shape == (2, T, V)  # below the limit: unchanged
