@@ -32,7 +32,7 @@ Frobenius-closest matrix to ``sum grad grad^T`` that is diagonal in the KFAC eig
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import nullcontext
 
 import torch
@@ -115,14 +115,18 @@ class FactorAccumulator:
         """Add one batch to the KFAC factors (first pass); an empty batch adds nothing."""
         if is_empty(y):
             return
+        if not self._uses_checked:
+            self._uses_checked = True
+            try:
+                self._first_checks(*_first_data(x, y, 2), i)
+            except ValueError:  # said again of the whole batch (its values, its shapes)
+                self._first_checks(x, y, i)
         with Capture(self.specs, _batch_size(x, y)) as cap:
-            with nullcontext() if self._diag is None else self._diag.recording():
+            with self._recording():
                 b = self._forward(x, y, i)
             if self.state.outputs is not None:
                 self.state.outputs.check_outputs(b.f)
-            if not self._uses_checked:
-                self._check_uses(cap, b)
-            fast = [] if self._diag is None else self._diag.fast_names(cap, b, x)
+            fast = [] if self._diag is None else self._diag.fast_names(b)
             with torch.no_grad():
                 for li, spec in enumerate(self.specs):
                     a = self._inputs(cap, spec, b.num_data) if spec.has_weight else None
@@ -141,30 +145,44 @@ class FactorAccumulator:
                             self._add_G(li, g, k)
         self._add_loss(b)
 
-    def _check_uses(self, cap: Capture, b: FitBatch) -> None:
-        """Once per accumulator: the layers captured by parameter use must account for their
-        parameters' whole gradient (one random output vector, :func:`check_uses`)."""
-        # Module-hooked linear layers and ungrouped convolutions too: their weight may also be
-        # used outside the module's call (e.g. ``x * layer.weight``), which hooks cannot see.
+    def _recording(self):
+        return nullcontext() if self._diag is None else self._diag.recording()
+
+    def _first_checks(self, x, y, i: int) -> None:
+        """Once per accumulator, on the first data of the first batch, one random output vector
+        (zero outside the first datum) and one backward pass: the layers captured by parameter
+        use (and module-hooked linear layers / convolutions, whose weight may also be used
+        outside the module's call) must account for their parameters' whole gradient
+        (:func:`check_uses`), and the diagonal blocks' recognised uses are verified
+        (:meth:`DiagonalSums.verify`)."""
         specs = [s for s in self.specs if s.by_use or (s.groups == 1 and not s.transposed)]
-        self._uses_checked = True
-        if not specs:
-            return
-        gen = torch.Generator(device=b.f.device).manual_seed(0)
-        v = torch.randn(b.f.shape, generator=gen, dtype=b.f.dtype, device=b.f.device)
-        v[b.f.shape[0] // b.num_data :] = 0  # the first data point only: see check_uses
-        pairs = [_weight_bias(s) for s in specs]
-        wanted = [t for pair in pairs for t in pair if t is not None and t.requires_grad]
-        # one backward pass for the layers' output-gradients and the parameters' gradients
-        grads = next(cap.iter_output_gradients(b.f, v.unsqueeze(0), True, wanted))
-        got = grads.pop() if wanted else []
-        by_id = {id(t): g for t, g in zip(wanted, got, strict=True)}
-        params = [(by_id.get(id(w)), by_id.get(id(bias))) for w, bias in pairs]
-        index = [self.specs.index(s) for s in specs]
-        with torch.no_grad():
-            gs = [group_by_datum(grads[li], b.num_data, s.name, 1) for li, s in zip(index, specs)]
-            a = [group_by_datum(cap.layer_inputs(s), b.num_data, s.name) for s in specs]
-            check_uses(specs, gs, a, params)
+        with Capture(self.specs, _batch_size(x, y)) as cap:
+            with self._recording():
+                b = self._forward(x, y, i)
+            state, dtens = ((), []) if self._diag is None else self._diag.verify_tensors(b)
+            pairs = [_weight_bias(s) for s in specs]
+            wanted = [t for pair in pairs for t in pair if t is not None and t.requires_grad]
+            if not specs and not dtens:
+                if self._diag is not None:
+                    self._diag.verify(cap, b, x, None, (), [])
+                return
+            gen = torch.Generator(device=b.f.device).manual_seed(0)
+            v = torch.randn(b.f.shape, generator=gen, dtype=b.f.dtype, device=b.f.device)
+            v[b.f.shape[0] // b.num_data :] = 0  # the first data point only: see check_uses
+            grads = next(cap.iter_output_gradients(b.f, v.unsqueeze(0), True, wanted + dtens))
+            got = grads.pop() if wanted or dtens else []
+            if self._diag is not None:
+                self._diag.verify(cap, b, x, v, state, got[len(wanted) :])
+            if not specs:
+                return
+            by_id = {id(t): g for t, g in zip(wanted, got, strict=False)}
+            params = [(by_id.get(id(w)), by_id.get(id(bias))) for w, bias in pairs]
+            index = [self.specs.index(s) for s in specs]
+            with torch.no_grad():
+                N = b.num_data
+                gs = [group_by_datum(grads[li], N, s.name, 1) for li, s in zip(index, specs)]
+                a = [group_by_datum(cap.layer_inputs(s), N, s.name) for s in specs]
+                check_uses(specs, gs, a, params)
 
     def add_loss(self, x, y, i: int = 0) -> None:
         """Add one batch's log-likelihood terms and counts only (a forward pass, no gradients)."""
@@ -444,6 +462,25 @@ class FactorAccumulator:
         out = self._work.get(("rotated", li, j), (B, T, Q.shape[1]), a)
         torch.mm(a.reshape(B * T, d), Q, out=out.view(B * T, -1))
         return out
+
+
+def _first_data(x, y, n: int):
+    """The first ``n`` data of a batch ``(x, y)`` (tensors whose leading dimension is the batch's
+    ``N`` are sliced, others kept; targets flattened as ``[N R, ...]`` keep ``n R`` rows); the
+    whole batch when its size cannot be told."""
+    N = _batch_size(x, y)
+    if N is None or N <= n or not isinstance(y, Tensor) or y.ndim == 0 or y.shape[0] % N:
+        return x, y
+    if isinstance(x, Mapping):
+        xs = {
+            k: v[:n] if isinstance(v, Tensor) and v.ndim and v.shape[0] == N else v
+            for k, v in x.items()
+        }
+    elif isinstance(x, Tensor):
+        xs = x[:n]
+    else:
+        return x, y
+    return xs, y[: n * (y.shape[0] // N)]
 
 
 def _batch_size(x, y) -> int | None:

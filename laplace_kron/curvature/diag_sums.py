@@ -34,7 +34,6 @@ class DiagonalSums:
         self.model, self.names, self.options = model, list(names), options
         named = dict(model.named_parameters())
         self.fast = FastDiagonal({n: named[n] for n in self.names})
-        self._checked = False
         self._vmapped: dict[tuple[str, ...], DiagonalGradients] = {}
 
     @contextmanager
@@ -77,24 +76,37 @@ class DiagonalSums:
         with self._quiet(cap):
             return diag.squared_sums(to_device(x, per_datum.device), per_datum)
 
-    def fast_names(self, cap: Capture, b: FitBatch, x) -> list[str]:
-        """The parameters whose sums come from the fit's backward pass for this batch: none for
-        the exact Fisher with several output rows per datum; verified on the first batch."""
-        N = b.num_data
-        if self.options.fisher == "exact" and b.f.shape[0] > N:
+    def uses_fast_path(self, b: FitBatch) -> bool:
+        """Not for the exact Fisher with several output rows per datum (its GGN diagonal needs
+        each row's gradient separately)."""
+        return not (self.options.fisher == "exact" and b.f.shape[0] > b.num_data)
+
+    def fast_names(self, b: FitBatch) -> list[str]:
+        """The parameters whose sums come from the fit's backward pass for this batch: the
+        verified ones (:meth:`verify`) whose uses in this batch are all recognised."""
+        if not self.uses_fast_path(b):
             return []
-        if not self._checked:
-            self._checked = True
-            self._verify(cap, b, x)
-        ok = set(self.fast.candidates(N))
+        ok = set(self.fast.candidates(b.num_data))
         return [n for n in self.fast.names if n in ok]
 
-    def _verify(self, cap: Capture, b: FitBatch, x) -> None:
-        """Check the recorded uses' per-example gradients against a batch-of-one pass (one
-        datum) and the batch gradient, for one random output vector; failures keep the
+    def verify_tensors(self, b: FitBatch) -> tuple[tuple, list[Tensor]]:
+        """What :meth:`verify` needs the gradients of, for one backward pass of the first
+        batch's checks: ``(state, tensors)``."""
+        if not self.uses_fast_path(b):
+            return (), []
+        cands, uses, tensors = self.fast.verify_tensors(b.num_data)
+        return (cands, uses), tensors
+
+    def verify(
+        self, cap: Capture, b: FitBatch, x, v: Tensor | None, state: tuple, got: list
+    ) -> None:
+        """Check the recorded uses' per-example gradients for the output vector ``v`` (zero
+        outside the first datum) against a batch-of-one pass of that datum and the batch
+        gradient (``got``: the gradients of :meth:`verify_tensors`); failures keep the
         per-example pass."""
-        gen = torch.Generator(device=b.f.device).manual_seed(1)
-        v = torch.randn(b.f.shape, generator=gen, dtype=b.f.dtype, device=b.f.device)
+        if len(state) != 2:
+            self.fast.names = []
+            return
         x = to_device(x, b.f.device)
         cot = example_cotangents(v.unsqueeze(0), b.num_data, separate_rows=False)
 
@@ -107,4 +119,6 @@ class DiagonalSums:
                         parts[n].append(g[:, 0].detach())
             return {n: torch.cat(p) for n, p in parts.items()}
 
-        self.fast.verify(b.f, v, b.num_data, reference)
+        tol = 1e-8 if b.f.dtype == torch.float64 else 1e-4
+        cands, uses = state
+        self.fast.verify(cands, uses, got, b.num_data, reference, tol)

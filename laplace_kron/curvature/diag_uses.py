@@ -260,19 +260,25 @@ class FastDiagonal:
                     sums[n] = sq if n not in sums else sums[n] + sq
         return sums
 
-    def verify(self, f: Tensor, v: Tensor, N: int, reference) -> list[str]:
-        """Keep the candidates whose rule gradients for the vector ``v`` (shaped like ``f``)
-        equal ``reference(names, lo, hi)`` (the per-example gradients of data ``lo:hi`` by a
-        separate pass) for the first datum and, summed over the batch, the autograd gradient."""
+    def verify_tensors(self, N: int) -> tuple[list[str], list[DiagUse], list[Tensor]]:
+        """``(candidates, their uses, tensors)``: what :meth:`verify` needs gradients of (the
+        uses' outputs, then the candidates' parameters), for one backward pass shared with
+        other checks."""
         cands = self.candidates(N)
         uses = self.uses(N, cands)
         if not cands or not uses:
+            return [], [], []
+        return cands, uses, [u.output for u in uses] + [self.params[n] for n in cands]
+
+    def verify(self, cands, uses, got, N: int, reference, tol: float) -> list[str]:
+        """Keep the candidates whose rule gradients equal ``reference(names, lo, hi)`` (the
+        per-example gradients of data ``lo:hi`` by a separate pass) for the first datum and,
+        summed over the batch, the autograd gradient; ``got``: the gradients of
+        :meth:`verify_tensors`' tensors for one output vector (``None``: zero)."""
+        if not cands:
             self.names = []
             return []
         params = [self.params[n] for n in cands]
-        got = torch.autograd.grad(
-            f, [u.output for u in uses] + params, v, retain_graph=True, allow_unused=True
-        )
         dys = [torch.zeros_like(u.output) if g is None else g for u, g in zip(uses, got)]
         total = {n: g for n, g in zip(cands, got[len(uses) :], strict=True)}
         hi = 1
@@ -286,7 +292,6 @@ class FastDiagonal:
                     if lo < hi:
                         parts[n].append(g[: hi - lo])
         first = {n: torch.cat(p)[:hi] if p else None for n, p in parts.items()}
-        tol = 1e-8 if f.dtype == torch.float64 else 1e-4
         ok = []
         for n in cands:
             pairs = [(first.get(n), ref[n]), (sums[n], total[n])]
