@@ -418,28 +418,33 @@ def test_functional_variance_memory_is_far_below_a_full_jacobian():
 # ----------------------------------------------------------------------------- laplace-torch
 
 
+def laplace_torch_pair(model, x, y, prior: float, sub: str):
+    """laplace-torch's Kronecker Laplace (``subset_of_weights=sub``, its exact GGN, one batch)
+    and ours with the same prior, biases as separate blocks: the same posterior."""
+    laplace = pytest.importorskip("laplace")
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=len(x))
+    lt = laplace.Laplace(model, "classification", subset_of_weights=sub, hessian_structure="kron")
+    lt.prior_precision = prior
+    lt.fit(loader)
+    la = lk.KronLaplace(
+        model,
+        "classification",
+        fisher="exact",
+        separate_bias=True,
+        prior_precision=prior,
+        modules="last_layer" if sub == "last_layer" else None,
+    ).fit([(x, y)])
+    return lt, la
+
+
 def test_agrees_with_laplace_torch():
     """laplace-torch (test-only dependency) treats biases as separate Kronecker blocks and uses the
     exact (type-2) GGN; with one batch its KFAC equals ours, so the predictives must agree."""
-    laplace = pytest.importorskip("laplace")
     torch.manual_seed(0)
     model = MLP(d_in=6, hidden=8, d_out=4).to(DT)
     x, y = make_data("classification", 40, 4, (6,))
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=40)
     for sub in ("last_layer", "all"):
-        lt = laplace.Laplace(
-            model, "classification", subset_of_weights=sub, hessian_structure="kron"
-        )
-        lt.prior_precision = 0.8
-        lt.fit(loader)
-        la = lk.KronLaplace(
-            model,
-            "classification",
-            fisher="exact",
-            separate_bias=True,
-            prior_precision=0.8,
-            modules="last_layer" if sub == "last_layer" else None,
-        ).fit([(x, y)])
+        lt, la = laplace_torch_pair(model, x, y, 0.8, sub)
         xt = x[:7]
         _, f_var = lt._glm_predictive_distribution(xt)
         assert rel_err(la.functional_covariance(xt), f_var) < 1e-10

@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 from _dense import CNN, MLP, jacobian, make_data, rel_err
-from test_predictive import peak_cpu_bytes
+from test_predictive import laplace_torch_pair, peak_cpu_bytes
 from torch import nn
 
 import laplace_kron as lk
@@ -99,25 +99,11 @@ def test_link_moments_match_dense_links(arch, kw, curvature):
 
 
 def test_bridges_equal_laplace_torch_to_1e_8():
-    laplace = pytest.importorskip("laplace")
     torch.manual_seed(0)
     model = MLP(d_out=5).to(DT)
     x, y = make_data("classification", 40, 5, (4,))
+    lt, la = laplace_torch_pair(model, x.to(DT), y, 0.5, "last_layer")
     x = x.to(DT)
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=40)
-    lt = laplace.Laplace(
-        model, "classification", subset_of_weights="last_layer", hessian_structure="kron"
-    )
-    lt.prior_precision = 0.5
-    lt.fit(loader)
-    la = lk.KronLaplace(
-        model,
-        "classification",
-        fisher="exact",
-        separate_bias=True,
-        prior_precision=0.5,
-        modules="last_layer",
-    ).fit([(x, y)])
     xt = x[:9]
     for link in ("bridge", "bridge_norm"):
         want = lt(xt, pred_type="glm", link_approx=link)

@@ -32,8 +32,7 @@ Frobenius-closest matrix to ``sum grad grad^T`` that is diagonal in the KFAC eig
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from contextlib import nullcontext
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -41,7 +40,6 @@ from torch import Tensor, nn
 from ..kron import KronBlock
 from .batches import (
     FitBatch,
-    fit_batch_size,
     forward_batch,
     group_by_datum,
     is_empty,
@@ -51,6 +49,7 @@ from .capture import Capture, LayerSpec, Workspace, native_to_weight_order
 from .convs import grouped_sq, rotate_groups
 from .diag_sums import DiagonalSums
 from .embedding import add_counts, token_mask, token_sq_sums
+from .first_checks import batch_size, first_checks, recording
 from .gram import gram_lower_, mirror_, per_example_sq
 from .likelihoods import (
     iter_output_gradient_vectors,
@@ -60,7 +59,6 @@ from .likelihoods import (
 )
 from .options import CurvatureOptions
 from .state import FitState
-from .uses import check_uses
 
 __all__ = ["FactorAccumulator", "input_order"]
 
@@ -117,12 +115,9 @@ class FactorAccumulator:
             return
         if not self._uses_checked:
             self._uses_checked = True
-            try:
-                self._first_checks(*_first_data(x, y, 2), i)
-            except ValueError:  # said again of the whole batch (its values, its shapes)
-                self._first_checks(x, y, i)
-        with Capture(self.specs, _batch_size(x, y)) as cap:
-            with self._recording():
+            first_checks(self.specs, lambda xs, ys: self._forward(xs, ys, i), self._diag, x, y)
+        with Capture(self.specs, batch_size(x, y)) as cap:
+            with recording(self._diag):
                 b = self._forward(x, y, i)
             if self.state.outputs is not None:
                 self.state.outputs.check_outputs(b.f)
@@ -144,45 +139,6 @@ class FactorAccumulator:
                         if li not in closed:
                             self._add_G(li, g, k)
         self._add_loss(b)
-
-    def _recording(self):
-        return nullcontext() if self._diag is None else self._diag.recording()
-
-    def _first_checks(self, x, y, i: int) -> None:
-        """Once per accumulator, on the first data of the first batch, one random output vector
-        (zero outside the first datum) and one backward pass: the layers captured by parameter
-        use (and module-hooked linear layers / convolutions, whose weight may also be used
-        outside the module's call) must account for their parameters' whole gradient
-        (:func:`check_uses`), and the diagonal blocks' recognised uses are verified
-        (:meth:`DiagonalSums.verify`)."""
-        specs = [s for s in self.specs if s.by_use or (s.groups == 1 and not s.transposed)]
-        with Capture(self.specs, _batch_size(x, y)) as cap:
-            with self._recording():
-                b = self._forward(x, y, i)
-            state, dtens = ((), []) if self._diag is None else self._diag.verify_tensors(b)
-            pairs = [_weight_bias(s) for s in specs]
-            wanted = [t for pair in pairs for t in pair if t is not None and t.requires_grad]
-            if not specs and not dtens:
-                if self._diag is not None:
-                    self._diag.verify(cap, b, x, None, (), [])
-                return
-            gen = torch.Generator(device=b.f.device).manual_seed(0)
-            v = torch.randn(b.f.shape, generator=gen, dtype=b.f.dtype, device=b.f.device)
-            v[b.f.shape[0] // b.num_data :] = 0  # the first data point only: see check_uses
-            grads = next(cap.iter_output_gradients(b.f, v.unsqueeze(0), True, wanted + dtens))
-            got = grads.pop() if wanted or dtens else []
-            if self._diag is not None:
-                self._diag.verify(cap, b, x, v, state, got[len(wanted) :])
-            if not specs:
-                return
-            by_id = {id(t): g for t, g in zip(wanted, got, strict=False)}
-            params = [(by_id.get(id(w)), by_id.get(id(bias))) for w, bias in pairs]
-            index = [self.specs.index(s) for s in specs]
-            with torch.no_grad():
-                N = b.num_data
-                gs = [group_by_datum(grads[li], N, s.name, 1) for li, s in zip(index, specs)]
-                a = [group_by_datum(cap.layer_inputs(s), N, s.name) for s in specs]
-                check_uses(specs, gs, a, params)
 
     def add_loss(self, x, y, i: int = 0) -> None:
         """Add one batch's log-likelihood terms and counts only (a forward pass, no gradients)."""
@@ -392,7 +348,7 @@ class FactorAccumulator:
     def _ekfac_sums(self, x, y, bases: list[list[KronBlock]], i: int) -> list[list[Tensor]]:
         """One batch's ``sum_{k,n} (Q_G^T (sum_t g a^T) Q_A)^2`` per block, ``bases`` with the
         output factor in ``G`` (:meth:`LayerSpec.standard_block`)."""
-        with Capture(self.specs, _batch_size(x, y)) as cap:
+        with Capture(self.specs, batch_size(x, y)) as cap:
             fb = self._forward(x, y, i)
             fc = fb.f
             with torch.no_grad():
@@ -464,34 +420,6 @@ class FactorAccumulator:
         return out
 
 
-def _first_data(x, y, n: int):
-    """The first ``n`` data of a batch ``(x, y)`` (tensors whose leading dimension is the batch's
-    ``N`` are sliced, others kept; targets flattened as ``[N R, ...]`` keep ``n R`` rows); the
-    whole batch when its size cannot be told."""
-    N = _batch_size(x, y)
-    if N is None or N <= n or not isinstance(y, Tensor) or y.ndim == 0 or y.shape[0] % N:
-        return x, y
-    if isinstance(x, Mapping):
-        xs = {
-            k: v[:n] if isinstance(v, Tensor) and v.ndim and v.shape[0] == N else v
-            for k, v in x.items()
-        }
-    elif isinstance(x, Tensor):
-        xs = x[:n]
-    else:
-        return x, y
-    return xs, y[: n * (y.shape[0] // N)]
-
-
-def _batch_size(x, y) -> int | None:
-    """``N`` of a batch for the capture, ``None`` if the batch is malformed (the checked forward
-    then names the problem)."""
-    try:
-        return fit_batch_size(x, y)
-    except (ValueError, TypeError, AttributeError):
-        return None
-
-
 def input_order(spec: LayerSpec, device: torch.device) -> Tensor | None:
     """Native-to-weight column order of a layer's inputs, with the ones column of a joint bias
     (always last) appended; ``None`` when the orders coincide."""
@@ -501,11 +429,3 @@ def input_order(spec: LayerSpec, device: torch.device) -> Tensor | None:
     if spec.joint:
         idx = torch.cat([idx, idx.new_tensor([idx.numel()])])
     return idx.to(device)
-
-
-def _weight_bias(spec: LayerSpec) -> tuple[Tensor | None, Tensor | None]:
-    """The covered weight and bias tensors of a layer (``None`` where not covered)."""
-    if spec.by_use:
-        return spec.weight, spec.bias
-    m = spec.module
-    return (m.weight if spec.has_weight else None), (m.bias if spec.has_bias else None)
