@@ -1,10 +1,14 @@
 """KFAC fit of a small GPT-2 vs one training epoch (issue 15 item 9), and the peers where they run.
 
-    python benchmarks/transformer_fit.py [--quick]
+    python benchmarks/transformer_fit.py [--quick] [--model llama]
 
 A GPT-2 causal LM from a config (4 layers, width 256, 4 heads, 128 tokens, vocabulary 512, no
 download), float32, 2 threads, a synthetic token data set (an order-2 Markov chain, so the logits
-are not uniform). Measured in one run, each the best of ``--repeats``:
+are not uniform). ``--model llama``: a Llama of the same size (separate query / key / value
+projections and a gated MLP of width 688, RMSNorm, untied head), where the fit also runs with
+its input factors formed layer by layer instead of once per shared input. Measured in one run,
+every configuration once per repeat, in turn; the best of ``--repeats`` and the median of the
+per-repeat ratios to the epoch:
 
 * epoch: one forward + backward of the shifted token loss per batch over the data;
 * laplace_kron KFAC fit (MC Fisher, 1 sample, ``shift_labels``): Kronecker blocks for every
@@ -20,6 +24,7 @@ The largest tensor created during the fit is recorded (a dispatch mode) and comp
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -29,16 +34,29 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import laplace_kron as lk
 
 
-def build(quick: bool):
+def build(quick: bool, kind: str = "gpt2"):
     import transformers
 
     torch.manual_seed(0)
     L, d, T, V = (2, 64, 32, 128) if quick else (4, 256, 128, 512)
-    cfg = transformers.GPT2Config(
-        vocab_size=V, n_embd=d, n_layer=L, n_head=4, n_positions=T, attn_implementation="eager"
-    )
-    cfg.resid_pdrop = cfg.embd_pdrop = cfg.attn_pdrop = 0.0
-    model = transformers.GPT2LMHeadModel(cfg).eval()
+    if kind == "llama":
+        cfg = transformers.LlamaConfig(
+            vocab_size=V,
+            hidden_size=d,
+            intermediate_size=d * 43 // 16,  # 688 at width 256: about Llama's 8/3 d
+            num_hidden_layers=L,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=T,
+            attn_implementation="eager",
+        )
+        model = transformers.LlamaForCausalLM(cfg).eval()
+    else:
+        cfg = transformers.GPT2Config(
+            vocab_size=V, n_embd=d, n_layer=L, n_head=4, n_positions=T, attn_implementation="eager"
+        )
+        cfg.resid_pdrop = cfg.embd_pdrop = cfg.attn_pdrop = 0.0
+        model = transformers.GPT2LMHeadModel(cfg).eval()
     N, B = (16, 8) if quick else (64, 8)
     g = torch.Generator().manual_seed(1)
     trans = torch.randint(0, V, (V, 4), generator=g)  # each token has 4 likely successors
@@ -50,13 +68,20 @@ def build(quick: bool):
     return model, batches, (L, d, T, V, N, B)
 
 
-def best(fn, repeats: int) -> float:
-    times = []
+def interleaved(fns: dict, repeats: int) -> dict[str, tuple[float, float]]:
+    """``name -> (best seconds, median of the per-repeat ratios to the first entry)``: each
+    repeat times every function once, in turn, so that a drift of the machine's load between
+    repeats moves the numerator and the denominator of a ratio alike."""
+    times: dict[str, list[float]] = {n: [] for n in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    base = times[next(iter(fns))]
+    return {
+        n: (min(ts), statistics.median(t / b for t, b in zip(ts, base))) for n, ts in times.items()
+    }
 
 
 def epoch(model, batches):
@@ -145,55 +170,67 @@ def peers(model, batches) -> list[tuple[str, str]]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="a smaller model (a smoke run)")
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--model", choices=["gpt2", "llama"], default="gpt2")
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--no-peers", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    model, batches, (L, d, T, V, N, B) = build(args.quick)
+    model, batches, (L, d, T, V, N, B) = build(args.quick, args.model)
     P = sum(p.numel() for p in model.parameters())
-    print(f"GPT-2: {L} layers, width {d}, {T} tokens, vocabulary {V}, {P} parameters; N={N}, B={B}")
+    title = {"gpt2": "GPT-2", "llama": "Llama"}[args.model]
+    print(
+        f"{title}: {L} layers, width {d}, {T} tokens, vocabulary {V}, {P} parameters; N={N}, B={B}"
+    )
     kw = dict(fisher="mc", mc_samples=1, shift_labels=True)
-    conv1d = [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"]
-    rows = [("epoch (forward + backward)", best(lambda: epoch(model, batches), args.repeats))]
+    linear = [n for n, m in model.named_modules() if type(m).__name__ in ("Conv1D", "Linear")]
     fit = lambda **o: lk.kfac(model, batches, "classification", **kw, **o)  # noqa: E731
-    rows.append(("laplace_kron KFAC, whole network", best(fit, args.repeats)))
-    rows.append(
-        ("laplace_kron KFAC, Conv1D blocks only", best(lambda: fit(modules=conv1d), args.repeats))
-    )
-    rows.append(
-        (
-            "laplace_kron KFAC-reduce, whole network",
-            best(lambda: fit(weight_sharing="reduce"), args.repeats),
-        )
-    )
     # The diagonal blocks' sums by the separate per-example (vmapped) pass, as before they came
     # from the fit's own backward pass (curvature/diag_sums.py): the same numbers, slower.
+    from laplace_kron.curvature import accumulate
     from laplace_kron.curvature.diag_sums import DiagonalSums
 
-    fast_names = DiagonalSums.fast_names
-    DiagonalSums.fast_names = lambda *a: []
-    try:
-        name = "laplace_kron KFAC, whole network, diagonal blocks by the per-example pass"
-        rows.append((name, best(fit, args.repeats)))
-    finally:
-        DiagonalSums.fast_names = fast_names
+    def patched(owner, attr, value):
+        def run():
+            saved = getattr(owner, attr)
+            setattr(owner, attr, value)
+            try:
+                fit()
+            finally:
+                setattr(owner, attr, saved)
+
+        return run
+
+    fns = {
+        "epoch (forward + backward)": lambda: epoch(model, batches),
+        "laplace_kron KFAC, whole network": fit,
+    }
+    if args.model == "gpt2":
+        fns["laplace_kron KFAC, Conv1D blocks only"] = lambda: fit(modules=linear)
+    else:
+        name = "laplace_kron KFAC, whole network, input factors layer by layer (none shared)"
+        fns[name] = patched(accumulate, "shared_inputs", lambda *a: {})
+    fns["laplace_kron KFAC-reduce, whole network"] = lambda: fit(weight_sharing="reduce")
+    name = "laplace_kron KFAC, whole network, diagonal blocks by the per-example pass"
+    fns[name] = patched(DiagonalSums, "fast_names", lambda *a: [])
+    fit()  # warm-up (first calls allocate)
+    rows = interleaved(fns, args.repeats)
     curv = fit()
     kron = [b for b in curv.blocks if isinstance(b, lk.kron.KronBlock)]
     big = max(b.n_params for b in kron)
     with Largest() as largest:
-        fit(modules=conv1d)
-    e = rows[0][1]
-    print("\n| what | seconds | / epoch |\n|---|---|---|")
-    for name, t in rows:
-        print(f"| {name} | {t:.2f} | {t / e:.2f} |")
+        fit(modules=linear)
+    e = rows["epoch (forward + backward)"][0]
+    print("\n| what | best seconds | / best epoch | median ratio |\n|---|---|---|---|")
+    for name, (t, ratio) in rows.items():
+        print(f"| {name} | {t:.2f} | {t / e:.2f} | {ratio:.2f} |")
     if not args.no_peers:
         for name, t in peers(model, batches):
             ratio = f"{float(t) / e:.2f}" if t[0].isdigit() else ""
-            print(f"| {name} | {t} | {ratio} |")
+            print(f"| {name} | {t} | {ratio} | |")
     print(
         f"\n{len(kron)} Kronecker blocks, {len(curv.blocks) - len(kron)} diagonal; largest tensor "
-        f"in the Conv1D fit: {largest.numel:,} numbers; B T P of the largest block: "
-        f"{B * T * big:,} ({'none formed' if largest.numel < B * T * big else 'FORMED'})"
+        f"in the fit of the linear layers alone: {largest.numel:,} numbers; B T P of the largest "
+        f"block: {B * T * big:,} ({'none formed' if largest.numel < B * T * big else 'FORMED'})"
     )
 
 

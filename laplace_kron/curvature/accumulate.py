@@ -60,7 +60,7 @@ from .likelihoods import (
 from .options import CurvatureOptions
 from .state import FitState
 
-__all__ = ["FactorAccumulator", "input_order"]
+__all__ = ["FactorAccumulator", "input_order", "shared_inputs"]
 
 
 class FactorAccumulator:
@@ -122,13 +122,22 @@ class FactorAccumulator:
             if self.state.outputs is not None:
                 self.state.outputs.check_outputs(b.f)
             fast = [] if self._diag is None else self._diag.fast_names(b)
+            shared = shared_inputs(self.specs, self._orders)
             with torch.no_grad():
                 for li, spec in enumerate(self.specs):
+                    if li in shared and shared[li][0] != li:
+                        continue  # added with the first layer of its group
                     a = self._inputs(cap, spec, b.num_data) if spec.has_weight else None
                     if spec.embedding:  # token indices: a diagonal factor of counts
                         mask = token_mask(spec, a, b.positions)
                         st = self.state
                         st.A_sum[li] = add_counts(st.A_sum[li], a, mask, spec.d_in, st.dtype)
+                    elif li in shared:
+                        S = a.new_zeros(a.shape[-1], a.shape[-1])
+                        self._add_A(li, a, b.positions, out=S)
+                        for lj in shared[li]:
+                            A = self.state.A_sum
+                            A[lj] = S.clone() if A[lj] is None else A[lj].add_(S)
                     elif spec.has_weight:
                         self._add_A(li, a, b.positions)
             closed = self._closed_form_G(b)
@@ -249,10 +258,13 @@ class FactorAccumulator:
                     self.state.outputs.add_identity(li, f.shape[0])
         return done
 
-    def _add_A(self, li: int, a: Tensor, positions: Tensor | None = None) -> None:
-        """Add ``sum a a^T`` (``1/T`` times for KFAC-expand) of one batch, ``a [N, T, d_in]``;
-        with padding (``positions [N, T]``, for layers with the mask's ``T``) ``1/T_n`` times the
-        valid positions' products (expand) or the products of their means (reduce).
+    def _add_A(
+        self, li: int, a: Tensor, positions: Tensor | None = None, out: Tensor | None = None
+    ) -> None:
+        """Add ``sum a a^T`` (``1/T`` times for KFAC-expand) of one batch, ``a [N, T, d_in]``,
+        to layer ``li``'s sum (or to ``out``); with padding (``positions [N, T]``, for layers
+        with the mask's ``T``) ``1/T_n`` times the valid positions' products (expand) or the
+        products of their means (reduce).
 
         ``a`` carries the ones column of a joint bias and its columns are in
         :func:`native_patches` order: the product is formed in that order and permuted to weight
@@ -283,18 +295,19 @@ class FactorAccumulator:
             S = torch.einsum("mgi,mgj->gij", R, R)
             A_sum[li] = S.mul_(scale) if A_sum[li] is None else A_sum[li].add_(S, alpha=scale)
             return
-        if A_sum[li] is None:
+        if out is None and A_sum[li] is None:
             A_sum[li] = a.new_zeros(d, d)
+        target = A_sum[li] if out is None else out
         if rows is None:
             # Channel-first patches ([B, T, d] view of [B, d, T]): one batched product.
-            A_sum[li].add_(torch.bmm(a.mT, a).sum(0), alpha=scale)
+            target.add_(torch.bmm(a.mT, a).sum(0), alpha=scale)
         elif idx is None:
-            gram_lower_(A_sum[li], rows, scale)
+            gram_lower_(target, rows, scale)
         else:
             S = self._work.get(("gram", li), (d, d), rows)
             gram_lower_(S, rows, 1.0, beta=0.0)
             mirror_(S)
-            A_sum[li].add_(S[idx][:, idx], alpha=scale)
+            target.add_(S[idx][:, idx], alpha=scale)
 
     def _add_G(self, li: int, g: Tensor, k: int = 0) -> None:
         """Add ``sum g g^T`` of one batch, ``g [K, B, T, d_out]`` (summed over positions first
@@ -418,6 +431,26 @@ class FactorAccumulator:
         out = self._work.get(("rotated", li, j), (B, T, Q.shape[1]), a)
         torch.mm(a.reshape(B * T, d), Q, out=out.view(B * T, -1))
         return out
+
+
+def shared_inputs(specs: list[LayerSpec], orders: list) -> dict[int, list[int]]:
+    """Layers whose input factor sums of this batch are equal, as ``layer -> its group``
+    (groups of two or more, in layer order).
+
+    Linear maps called once on the same input tensor (the same memory, shape and strides; e.g.
+    a transformer's query, key and value projections, or a gated MLP's gate and up
+    projections), with or without a joint bias alike, have the same ``A``: it is formed once.
+    """
+    groups: dict[tuple, list[int]] = {}
+    for li, s in enumerate(specs):
+        if not s.has_weight or s.embedding or not s.linear_like or s.groups > 1:
+            continue
+        if len(s.inputs) != 1 or orders[li] is not None:
+            continue
+        x = s.inputs[0]
+        key = (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, s.joint, s.by_use)
+        groups.setdefault(key, []).append(li)
+    return {li: g for g in groups.values() if len(g) > 1 for li in g}
 
 
 def input_order(spec: LayerSpec, device: torch.device) -> Tensor | None:
