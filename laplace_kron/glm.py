@@ -51,7 +51,6 @@ from .curvature.capture import (
     LayerSpec,
     flatten_output,
 )
-from .curvature.diagonal import DiagonalGradients
 from .glm_blocks import (
     KINDS,
     BlockFeatures,
@@ -63,6 +62,7 @@ from .glm_blocks import (
     layer_output_gradients,
     rotate_block,
 )
+from .glm_diag import DiagJacobians, FastState
 from .kron import DiagBlock, KronBlock, per_block
 from .posterior import KronPosterior
 from .sampling import check_at_mean, check_differentiable, check_predictable
@@ -161,6 +161,7 @@ class ChunkFeatures:
     x: Inputs
     f: Tensor
     blocks: list[BlockFeatures]
+    diag: FastState | None = None  # the diagonal blocks' closed-form path (glm_diag.py)
 
 
 class GLMPass:
@@ -200,8 +201,15 @@ class GLMPass:
         self.specs, plans = _plans(la)
         self.diag_plans = [p for p in plans if p.layer < 0]
         self.plans = [p for p in plans if p.layer >= 0]
-        self.diag_grads = DiagonalGradients(
-            la.model, [p.block.param_names[0] for p in self.diag_plans], chunk_size, vectorize
+        names = [p.block.param_names[0] for p in self.diag_plans]
+        first = self.diag_plans[0].block if self.diag_plans else None
+        self.diag = DiagJacobians(
+            la.model,
+            names,
+            chunk_size,
+            vectorize,
+            first.dtype if first is not None else torch.float32,
+            first.device if first is not None else torch.device("cpu"),
         )
         check_at_mean(la)
         self.tail: torch.Size | None = None
@@ -217,11 +225,11 @@ class GLMPass:
     def _check_feasible(self, per_input: int) -> None:
         """Refuse an input whose moments cannot be formed at all: one input is the floor of the
         chunking, and the diagonal blocks need its Jacobian ``[C, P_diag]``."""
-        need = per_input + self.C * self.diag_grads.n_params
+        need = per_input + self.C * self.diag.n_params
         if need > MAX_INPUT_ELEMENTS:
             raise ValueError(
                 f"the GLM predictive needs about {need:,} numbers for a single input "
-                f"({self.C:,} outputs per input, {self.diag_grads.n_params:,} diagonal-block "
+                f"({self.C:,} outputs per input, {self.diag.n_params:,} diagonal-block "
                 f"parameters), more than {MAX_INPUT_ELEMENTS:,}: use method='glm_mc' "
                 "(linearised samples by forward-mode JVPs, memory independent of the number of "
                 "outputs) or method='nn', or cover fewer parameters or outputs (e.g. "
@@ -281,15 +289,17 @@ class GLMPass:
             b = stop - start
             xb = slice_inputs(self.x, start, stop, B)
             with torch.enable_grad(), Capture(specs, b) as cap:
-                f = checked_forward(self.la.model, xb, b)
+                with self.diag.recording():
+                    f = checked_forward(self.la.model, xb, b)
                 self.tail = f.shape[1:]
                 f2 = f.reshape(b, -1)
                 if not torch.isfinite(f2).all():
                     raise ValueError("the network output contains NaN or Inf for finite inputs")
                 shared = _identity_layers(specs, f)
                 rest = [s for i, s in enumerate(specs) if i not in shared]
-                g_rest, self.vectorize = layer_output_gradients(
-                    Capture(rest), rest, f2, self.vectorize
+                uses = self.diag.uses(b)
+                g_rest, dys, self.vectorize = layer_output_gradients(
+                    Capture(rest), rest, f2, self.vectorize, [u.output for u in uses]
                 )
                 grads: list[Tensor | None] = [None] * len(specs)
                 for s, g in zip([i for i in range(len(specs)) if i not in shared], g_rest):
@@ -301,7 +311,8 @@ class GLMPass:
                     f for p in self.plans for f in self._rotate(p, inputs[p.layer], grads[p.layer])
                 ]
             del grads, inputs, g_rest
-            yield ChunkFeatures(start, stop, xb, f2.detach(), blocks)
+            diag = self.diag.state(xb, b, uses, dys)
+            yield ChunkFeatures(start, stop, xb, f2.detach(), blocks, diag)
 
     def _rotate(self, plan: _Plan, a: Tensor, g: Tensor | None) -> list[BlockFeatures]:
         """The block's features: one, or one per group of a grouped convolution."""
@@ -311,24 +322,18 @@ class GLMPass:
         return rotate_block(plan.block, spec.groups, a, g, self.linv(plan))
 
     def diag_jacobians(
-        self, xb: Inputs, b: int
+        self, chunk: ChunkFeatures
     ) -> Iterator[tuple[int, list[tuple[Tensor, Tensor]]]]:
-        """Per-example Jacobians of the diagonal blocks for ``xb``: ``(start, [(J [b', C, P],
-        w [P])])`` per sub-chunk of examples (sized by ``chunk_size``)."""
+        """Per-example Jacobians of the diagonal blocks for a chunk: ``(start, [(J [b', C, P],
+        w [P])])`` per sub-chunk of its inputs (sized by ``chunk_size``; glm_diag.py)."""
         if not self.diag_plans:
             return
-        C = self.C
-        dtype, device = self.diag_plans[0].block.dtype, self.diag_plans[0].block.device
-        eye = torch.eye(C, dtype=dtype, device=device)
-        for start, jac in self.diag_grads.per_example(xb, eye.unsqueeze(1).expand(C, b, C)):
-            with torch.no_grad():
-                yield (
-                    start,
-                    [
-                        (jac[p.block.param_names[0]].flatten(2), self.linv(p).reshape(-1))
-                        for p in self.diag_plans
-                    ],
-                )
+        b = chunk.stop - chunk.start
+        for start, jac in self.diag.jacobians(chunk.x, b, self.C, chunk.diag):
+            yield (
+                start,
+                [(jac[p.block.param_names[0]], self.linv(p).reshape(-1)) for p in self.diag_plans],
+            )
 
     def _root(self, chunk: ChunkFeatures, b: int) -> Tensor:
         """``[b, C, r]``: the blocks' factors side by side (``R R^T = J Sigma J^T``)."""
@@ -337,7 +342,7 @@ class GLMPass:
             if parts:
                 parts = [p.expand(b, -1, -1) for p in parts]
         diag = [[] for _ in self.diag_plans]
-        for _, ps in self.diag_jacobians(chunk.x, b):
+        for _, ps in self.diag_jacobians(chunk):
             with torch.no_grad():
                 for i, (J, w) in enumerate(ps):
                     diag[i].append(diag_block_moments(J, w, "root", self.classes))
@@ -358,7 +363,7 @@ class GLMPass:
             for feat in chunk.blocks:
                 part = block_moments(feat, kind, group, self.chunk_size)
                 acc = part if acc is None else acc.add_(part)
-        for start, parts in self.diag_jacobians(chunk.x, b):
+        for start, parts in self.diag_jacobians(chunk):
             with torch.no_grad():
                 if acc is None:
                     shape = (b, self.C, self.C if kind == "cov" else len(kind_pairs(kind)))

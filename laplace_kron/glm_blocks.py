@@ -223,20 +223,31 @@ def diag_block_moments(J: Tensor, w: Tensor, kind: str, group: int) -> Tensor:
 
 
 def layer_output_gradients(
-    cap: Capture, specs: list[LayerSpec], f: Tensor, vectorize: bool
-) -> tuple[list[Tensor], bool]:
+    cap: Capture,
+    specs: list[LayerSpec],
+    f: Tensor,
+    vectorize: bool,
+    extra: list[Tensor] | None = None,
+) -> tuple[list[Tensor], list[Tensor], bool]:
     """Gradients of every output ``f[:, k]`` w.r.t. each layer's outputs: per layer
-    ``[C, b, T, d_out]``. One vmapped backward pass (``is_grads_batched``) when ``vectorize``,
-    else (or if vmap fails) one backward pass per output. Returns whether vmap worked."""
+    ``[C, b, T, d_out]``, and w.r.t. each ``extra`` tensor ``t``: ``[C, *t.shape]`` (zeros where
+    unused). One vmapped backward pass (``is_grads_batched``) when ``vectorize``, else (or if
+    vmap fails) one backward pass per output. Returns whether vmap worked."""
     b, C = f.shape
-    if not specs:  # only diagonal blocks
-        return [], vectorize
+    extra = list(extra or [])
+    if not specs and not extra:  # only diagonal blocks by per-example passes
+        return [], [], vectorize
     vectors = torch.eye(C, dtype=f.dtype, device=f.device).unsqueeze(1).expand(C, b, C)
     if vectorize:
         outs = [o for s in specs for o in s.outputs]
         try:
             grads = torch.autograd.grad(
-                f, outs, vectors, retain_graph=True, allow_unused=True, is_grads_batched=True
+                f,
+                outs + extra,
+                vectors,
+                retain_graph=True,
+                allow_unused=True,
+                is_grads_batched=True,
             )
         except (RuntimeError, NotImplementedError) as e:
             warnings.warn(
@@ -245,6 +256,10 @@ def layer_output_gradients(
                 stacklevel=4,
             )
         else:
+            ex = [
+                t.new_zeros(C, *t.shape) if g is None else g
+                for t, g in zip(extra, grads[len(outs) :], strict=True)
+            ]
             result, i = [], 0
             for s in specs:
                 if s.by_use:  # uses of one weight (row slices, flattened positions) joined
@@ -264,5 +279,7 @@ def layer_output_gradients(
                     gs.append(output_rows(s.module, g.flatten(0, 1), x).unflatten(0, (C, -1)))
                     i += 1
                 result.append(gs[0] if len(gs) == 1 else torch.cat(gs, dim=2))
-            return result, True
-    return cap.output_gradients(f, vectors), False
+            return result, ex, True
+    per_vec = list(cap.iter_output_gradients(f, vectors, extra=extra))
+    ex = [torch.stack(gs) for gs in zip(*[r.pop() for r in per_vec])] if extra else []
+    return [torch.cat(gs, dim=0) for gs in zip(*per_vec)], ex, False

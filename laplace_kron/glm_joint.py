@@ -126,8 +126,7 @@ def joint_covariance(
     chunks, diag = [], []
     for chunk in run.chunks():
         chunks.append(chunk)
-        b = chunk.stop - chunk.start
-        for start, parts in run.diag_jacobians(chunk.x, b):
+        for start, parts in run.diag_jacobians(chunk):
             diag.append((chunk.start + start, parts))
     f = torch.cat([c.f for c in chunks])
     B, C = f.shape

@@ -38,6 +38,7 @@ RANKS: dict[str, int] = {
     "sampling": 6,
     "glm": 6,
     "glm_blocks": 6,
+    "glm_diag": 6,
     "glm_joint": 6,
     "predictive": 6,
     "marglik": 6,

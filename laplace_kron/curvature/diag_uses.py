@@ -234,18 +234,25 @@ class FastDiagonal:
                 bad |= names
         return [n for n in self.params if n in seen and n not in bad]
 
+    def example_grads(
+        self, uses: list[DiagUse], dys: list[Tensor], lo: int, hi: int, names: list[str]
+    ) -> dict[str, Tensor]:
+        """Per-example gradients ``[hi - lo, *shape]`` of ``names`` for data ``lo:hi``, summed
+        over the ``uses`` (``dys``: their output-gradients, in order)."""
+        grads: dict[str, Tensor] = {}
+        for u, dy in zip(uses, dys, strict=True):
+            for n, g in _example_grads(u, dy, lo, hi, self.shapes).items():
+                if n in names:
+                    grads[n] = g if n not in grads else grads[n] + g
+        return grads
+
     def per_example(self, uses: list[DiagUse], dys: list[Tensor], N: int, names: list[str]):
         """Yields ``(lo, hi, grads)``: per-example gradients ``[hi - lo, *shape]`` of ``names``."""
         size = max(1, sum(self.shapes[n].numel() for n in names))
         step = max(1, self.chunk // size)
         for lo in range(0, N, step):
             hi = min(N, lo + step)
-            grads: dict[str, Tensor] = {}
-            for u, dy in zip(uses, dys, strict=True):
-                for n, g in _example_grads(u, dy, lo, hi, self.shapes).items():
-                    if n in names:
-                        grads[n] = g if n not in grads else grads[n] + g
-            yield lo, hi, grads
+            yield lo, hi, self.example_grads(uses, dys, lo, hi, names)
 
     def squared_sums(
         self, uses: list[DiagUse], dys: list[Tensor], N: int, names: list[str]
