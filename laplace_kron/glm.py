@@ -175,9 +175,11 @@ class GLMPass:
             + sum_{l not shared} m T_l C d_out                   rotated output-gradients
             + sum_{l shared} d_out (+ C d_out if cov)            w (and the [C, d_out] product)
             + [C^2 + 2 C sum_l T_l d_out if a backward is needed] cotangents, autograd's grads
+            + 2 C sum_u n_u                                       the diagonal blocks' uses
 
     (``m`` = 1 + the number of output maps of ``kind`` other than the identity; a layer is
-    *shared* when its outputs are the network's). So a chunk holds about ``chunk_size``
+    *shared* when its outputs are the network's; ``n_u`` the output size per input of a use of a
+    diagonal-block parameter whose Jacobians come from the backward pass, glm_diag.py). So a chunk holds about ``chunk_size``
     elements; one input is the floor (``e`` itself when ``e > chunk_size``).
     """
 
@@ -243,10 +245,11 @@ class GLMPass:
         per += C * C if kind == "cov" else 3 * C
         if kind == "root":  # the factor [C, r]: r = d_out (T = 1) or d_out d_in per layer
             per += C * sum(d_out * (1 if T == 1 else d_in + 1) for T, d_out, d_in in sizes)
-        if len(shared) < len(sizes):
+        if len(shared) < len(sizes) or self._diag_out:
             # The batched backward of all C outputs: the cotangents [C, b, C] and the
             # output-gradients of every layer on the way (x 2: a nonlinearity's in and out).
             per += C * C + 2 * C * sum(T * d_out for T, d_out, _ in sizes)
+        per += 2 * C * self._diag_out  # the diagonal blocks' uses likewise (glm_diag.py)
         mult = 1 if kind == "cov" else 1 + len({h for p in kind_pairs(kind) for h in p} - {"id"})
         for i, (T, d_out, _) in enumerate(sizes):
             if i in shared:
@@ -259,7 +262,10 @@ class GLMPass:
         """One single-datum forward: ``C``, the shared layers, ``(T, d_out, d_in)`` per layer."""
         one = slice_inputs(self.x, 0, 1, self.B)
         with torch.enable_grad(), Capture(self.specs) as cap:
-            f = checked_forward(self.la.model, one, 1)
+            with self.diag.recording():
+                f = checked_forward(self.la.model, one, 1)
+            # The diagonal blocks' recorded uses: their output-gradients are held per input.
+            self._diag_out = sum(u.output.numel() for u in self.diag.uses(1))
             shared = _identity_layers(self.specs, f)
             sizes = [
                 (
