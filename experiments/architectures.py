@@ -10,6 +10,10 @@ Columns of the first table (one row per architecture):
   position / token (where KFAC is exact; grouped convolutions per group; a block whose norm is
   below 1e-6 of the whole GGN's, e.g. 0 for an attention key that sees one token, is measured
   against 1e-6 of the whole GGN's norm);
+* ``EKFAC Kron = GGN``: the same for EKFAC's blocks (also exact for one datum of one position);
+  with per-output noise EKFAC keeps the eigenbasis ``Q`` of the ``sigma = 1`` fit, in which the
+  noise-weighted GGN ``H`` is not diagonal, so there it is compared with its definition
+  ``Q diag(Q^T H Q) Q^T`` (marked "def.");
 * ``diag = GGN diag``: max over diagonal blocks of the relative error against the exact GGN
   diagonal on several data (several positions, padding where the model takes it);
 * ``GLM = J Sigma J^T``: max relative error of ``la.functional_covariance(x)`` against dense
@@ -459,9 +463,12 @@ def architectures() -> list[Arch]:
 # --------------------------------------------------------------------------------------------------
 
 
-def _laplace(arch: Arch, model: nn.Module, data: list, kw: dict | None = None) -> lk.KronLaplace:
+def _laplace(
+    arch: Arch, model: nn.Module, data: list, kw: dict | None = None, curvature: str = "kfac"
+) -> lk.KronLaplace:
     kw = {"fisher": "exact", **(arch.kw if kw is None else kw)}
-    return lk.KronLaplace(model, arch.likelihood, prior_precision=1.0, **kw).fit(data)
+    la = lk.KronLaplace(model, arch.likelihood, curvature, prior_precision=1.0, **kw)
+    return la.fit(data)
 
 
 def _fitted_blocks(la: lk.KronLaplace) -> Tensor:
@@ -470,11 +477,37 @@ def _fitted_blocks(la: lk.KronLaplace) -> Tensor:
     return la.posterior_precision.to_dense() - torch.eye(P, dtype=DT)
 
 
-def fit_agreement(arch: Arch, model: nn.Module, several: list) -> tuple[float, float]:
-    """(Kronecker blocks vs exact GGN blocks on one datum of one position, diagonal blocks vs
-    the exact GGN diagonal on ``several``); NaN where the model has no block of that kind."""
+def fit_agreement(arch: Arch, model: nn.Module, several: list) -> tuple[float, float, float]:
+    """(KFAC's and EKFAC's Kronecker blocks vs exact GGN blocks on one datum of one position,
+    diagonal blocks vs the exact GGN diagonal on ``several``); NaN where the model has no block
+    of that kind."""
     one = arch.one()
-    la = _laplace(arch, model, [one], arch.one_kw)
+    kfac = _kron_agreement(arch, model, one, "kfac")
+    ekfac = _kron_agreement(arch, model, one, "ekfac")
+    la = _laplace(arch, model, several)
+    curv = la.curvature
+    diag_blocks = [b for b in curv.blocks if isinstance(b, DiagBlock)]
+    diag = []
+    if diag_blocks:
+        H = _fitted_blocks(la).diagonal()
+        dnames = [n for b in diag_blocks for n in b.param_names]
+        exact = torch.zeros(len(H), dtype=DT)
+        for batch in several:  # sum_m J_m^T H_m J_m, diagonal only
+            f, J = dense_jacobian(model, dnames, lambda call, b=batch: arch.outputs(call, b))
+            exact_d = torch.einsum("mcp,mcd,mdp->p", J, arch.hessian(f), J)
+            start = 0
+            for b in diag_blocks:
+                idx = curv.block_index(b)
+                exact[idx] += exact_d[start : start + len(idx)]
+                start += len(idx)
+        diag = [rel(H[i], exact[i]) for b in diag_blocks for i in [curv.block_index(b)]]
+    return kfac, ekfac, (max(diag) if diag else float("nan"))
+
+
+def _kron_agreement(arch: Arch, model: nn.Module, one: Any, curvature: str) -> float:
+    """Max over Kronecker blocks of the relative error against the exact GGN block, fitted on
+    one datum of one position (NaN: no Kronecker block)."""
+    la = _laplace(arch, model, [one], arch.one_kw, curvature)
     H = _fitted_blocks(la)
     names = la.param_names
     rows = arch.one_outputs or arch.outputs
@@ -493,28 +526,18 @@ def fit_agreement(arch: Arch, model: nn.Module, several: list) -> tuple[float, f
                 mask[idx.unsqueeze(1), idx.unsqueeze(0)] = True
             assert (K[~mask] == 0).all()
             K, E = K[mask], E[mask]
+        if curvature == "ekfac" and arch.sigma is not None:
+            # Per-output noise: EKFAC keeps the basis Q of the sigma = 1 fit (docs/math.md), in
+            # which the weighted GGN is not diagonal: compare with EKFAC's definition there,
+            # Q diag(Q^T H Q) Q^T (the KFAC-basis rows permuted to parameter order).
+            Q = torch.kron(b.eig_G.vectors, b.eig_A.vectors)
+            Qp = torch.empty_like(Q)
+            Qp[b.param_permutation()] = Q
+            E = Qp @ torch.diag(torch.diagonal(Qp.T @ E @ Qp)) @ Qp.T
         # floor: blocks that are 0 (a key seeing one token) or tiny (BERT's 0.02-scale init
         # deep in the net: 5e-8 of the GGN) are measured against 1e-6 of the whole GGN's norm
         kron.append(rel(K, E, 1e-6 * float(ggn.norm())))
-    la = _laplace(arch, model, several)
-    curv = la.curvature
-    diag_blocks = [b for b in curv.blocks if isinstance(b, DiagBlock)]
-    diag = []
-    if diag_blocks:
-        H = _fitted_blocks(la).diagonal()
-        dnames = [n for b in diag_blocks for n in b.param_names]
-        exact = torch.zeros(len(H), dtype=DT)
-        for batch in several:  # sum_m J_m^T H_m J_m, diagonal only
-            f, J = dense_jacobian(model, dnames, lambda call, b=batch: arch.outputs(call, b))
-            exact_d = torch.einsum("mcp,mcd,mdp->p", J, arch.hessian(f), J)
-            start = 0
-            for b in diag_blocks:
-                idx = curv.block_index(b)
-                exact[idx] += exact_d[start : start + len(idx)]
-                start += len(idx)
-        diag = [rel(H[i], exact[i]) for b in diag_blocks for i in [curv.block_index(b)]]
-    nan = float("nan")
-    return (max(kron) if kron else nan), (max(diag) if diag else nan)
+    return max(kron) if kron else float("nan")
 
 
 def glm_agreement(la: lk.KronLaplace, arch: Arch, x: Any) -> float:
@@ -587,7 +610,7 @@ def run_arch(arch: Arch, quick: bool, n_time: int, repeats: int) -> dict:
     model = arch.build()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     several = arch.data(3 if quick else 4, 1, False)
-    kron_err, diag_err = fit_agreement(arch, model, several)
+    kron_err, ekfac_err, diag_err = fit_agreement(arch, model, several)
     train = arch.data(16 if quick else 32, 2, True)
     la = _laplace(arch, model, train)
     n_kron = sum(not isinstance(b, DiagBlock) for b in la.curvature.blocks)
@@ -605,6 +628,8 @@ def run_arch(arch: Arch, quick: bool, n_time: int, repeats: int) -> dict:
         "params": f"{la.n_params} / {trainable}",
         "blocks": f"{n_kron} / {n_diag}",
         "kron_err": kron_err,
+        "ekfac_err": ekfac_err,
+        "ekfac_def": arch.sigma is not None,
         "diag_err": diag_err,
         "glm_err": glm_err,
         "prior": delta,
@@ -626,14 +651,16 @@ def _e(v: float) -> str:
 
 def table(rows: list[dict]) -> str:
     head = ("| architecture | params covered / trainable | blocks Kron / diag | Kron = GGN "
-            "(1 datum, 1 position) | diag = GGN diag (several data) | GLM = J Sigma J^T | "
-            "tune: prior, evidence before -> after | predict | fit / epoch |")  # fmt: skip
-    lines = [head, "|" + "---|" * 9]
+            "(1 datum, 1 position) | EKFAC Kron = GGN | diag = GGN diag (several data) | "
+            "GLM = J Sigma J^T | tune: prior, evidence before -> after | predict | "
+            "fit / epoch |")  # fmt: skip
+    lines = [head, "|" + "---|" * 10]
     for r in rows:
         fit = f"{r['fit_over_epoch']:.2f}" + ("" if r["fit_how"] == "kfac, mc" else " (exact)")
         lines.append(
             f"| {r['architecture']} | {r['params']} | {r['blocks']} | {_e(r['kron_err'])} | "
-            f"{_e(r['diag_err'])} | {_e(r['glm_err'])} | {r['tune']} | {r['predict']} | {fit} |"
+            f"{_e(r['ekfac_err'])}{' (def.)' if r['ekfac_def'] else ''} | {_e(r['diag_err'])} | {_e(r['glm_err'])} | {r['tune']} | "
+            f"{r['predict']} | {fit} |"
         )
     return "\n".join(lines)
 
