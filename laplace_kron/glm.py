@@ -179,8 +179,9 @@ class GLMPass:
 
     (``m`` = 1 + the number of output maps of ``kind`` other than the identity; a layer is
     *shared* when its outputs are the network's; ``n_u`` the output size per input of a use of a
-    diagonal-block parameter whose Jacobians come from the backward pass, glm_diag.py). So a chunk holds about ``chunk_size``
-    elements; one input is the floor (``e`` itself when ``e > chunk_size``).
+    diagonal-block parameter whose Jacobians come from the backward pass, glm_diag.py). So a
+    chunk holds about ``chunk_size`` elements; one input is the floor (``e`` itself when
+    ``e > chunk_size``).
     """
 
     def __init__(

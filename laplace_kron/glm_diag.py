@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
@@ -84,7 +85,10 @@ class DiagJacobians:
         ``[C, b, ...]``); verifies the path on the first chunk that takes it."""
         if not uses:
             return None
-        state = (uses, dys)
+        # Without their outputs: those hold the chunk's autograd graph, which the closed forms
+        # do not need (a caller keeping every chunk, as the joint covariance does, would keep
+        # every graph).
+        state = ([replace(u, output=None) for u in uses], dys)
         if self.verified is None:
             self.verified = self._verify(x, b, state)
         return state if self.verified else None

@@ -79,6 +79,22 @@ def test_closed_form_jacobians_equal_dense(monkeypatch, kw):
     torch.testing.assert_close(joint, ref, rtol=1e-10, atol=1e-12)
 
 
+def test_chunks_keep_no_autograd_graph():
+    """A chunk's closed-form state keeps the uses' inputs and output-gradients, not their
+    outputs (the graph): the joint covariance keeps every chunk alive."""
+    from laplace_kron.glm import GLMPass
+
+    torch.manual_seed(0)
+    la, x = _fitted(Net().to(DT).eval())
+    run = GLMPass(la, x, "cov", 2**20, 3, None, True)
+    chunks = list(run.chunks())
+    assert len(chunks) == 3
+    for chunk in chunks:
+        uses, dys = chunk.diag
+        assert uses and all(u.output is None for u in uses)
+        assert all(not d.requires_grad and d.grad_fn is None for d in dys)
+
+
 def test_unrecognised_use_and_failed_verification_take_the_per_example_path(monkeypatch):
     torch.manual_seed(0)
     la, x = _fitted(Net(exp_gain=True).to(DT).eval())

@@ -44,7 +44,7 @@ class DiagUse:
     kind: str  # "linear", "embedding", "norm", "mul", "add"
     names: dict[str, str]  # role ("weight", "bias") -> parameter name
     x: Tensor | None  # the other operand (detached)
-    output: Tensor  # in the graph, for the output-gradient
+    output: Tensor | None  # in the graph, for the output-gradient (None once consumed)
     extra: dict = field(default_factory=dict)
 
 
