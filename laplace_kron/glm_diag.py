@@ -111,13 +111,17 @@ class DiagJacobians:
 
     def _closed_form(self, state: FastState, lo: int, hi: int, C: int) -> dict[str, Tensor]:
         uses, dys = state
-        shapes = self.fast.shapes
         with torch.no_grad():
-            J = {n: dys[0].new_zeros(hi - lo, C, shapes[n].numel()) for n in self.names}
-            for c in range(C):
-                grads = self.fast.example_grads(uses, [d[c] for d in dys], lo, hi, self.names)
-                for n, g in grads.items():
-                    J[n][:, c] = g.reshape(hi - lo, -1)
+            grads = self.fast.example_jacobians(uses, dys, lo, hi, self.names)
+            J = {}
+            for n in self.names:  # [C, b', *shape] -> [b', C, numel]
+                g = grads.get(n)
+                numel = self.fast.shapes[n].numel()
+                J[n] = (
+                    dys[0].new_zeros(hi - lo, C, numel)
+                    if g is None
+                    else g.reshape(C, hi - lo, numel).transpose(0, 1)
+                )
         return J
 
     def _verify(self, x: Inputs, b: int, state: FastState) -> bool:

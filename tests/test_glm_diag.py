@@ -20,8 +20,9 @@ V, T, D, C = 7, 3, 4, 3
 
 
 class Net(nn.Module):
-    """Embedding + positional table + LayerNorm + a broadcast gain + Linear layers; with
-    ``exp_gain`` the gain enters as ``exp(g)`` (a use the closed forms do not know)."""
+    """Embedding (tied to an output map) + positional table + LayerNorm + a broadcast gain +
+    Linear layers; with ``exp_gain`` the gain enters as ``exp(g)`` (a use the closed forms do
+    not know)."""
 
     def __init__(self, exp_gain: bool = False):
         super().__init__()
@@ -36,7 +37,9 @@ class Net(nn.Module):
     def forward(self, x):
         h = self.norm(self.emb(x) + self.pos)
         h = h * (self.gain.exp() if self.exp_gain else self.gain)
-        return self.head(torch.tanh(self.fc(h.mean(1))))
+        # the table is also an output map (tied; F.linear): a diagonal block with two uses
+        tied = nn.functional.linear(h.mean(1), self.emb.weight)[:, :C]
+        return self.head(torch.tanh(self.fc(h.mean(1)))) + tied
 
 
 def _fitted(model):
@@ -105,12 +108,12 @@ def test_unrecognised_use_and_failed_verification_take_the_per_example_path(monk
 
     torch.manual_seed(0)
     la, x = _fitted(Net().to(DT).eval())
-    real = FastDiagonal.example_grads
+    real = FastDiagonal.example_jacobians
 
     def wrong(self, *a):  # a closed form that is off: the verification must catch it
         return {n: 2 * g for n, g in real(self, *a).items()}
 
-    monkeypatch.setattr(FastDiagonal, "example_grads", wrong)
+    monkeypatch.setattr(FastDiagonal, "example_jacobians", wrong)
     cov = lk.predictive.functional_covariance(la, x, batch_size=3)
     assert seen == [False]
     torch.testing.assert_close(cov, _dense(la, x), rtol=1e-10, atol=1e-12)

@@ -151,29 +151,35 @@ def _batched(t: Tensor, N: int) -> bool:
 
 
 def _example_grads(use: DiagUse, dy: Tensor, lo: int, hi: int, shapes) -> dict[str, Tensor]:
-    """Per-example gradients ``[hi - lo, *shape]`` of the use's parameters for data ``lo:hi``."""
+    """Per-example gradients ``[K, hi - lo, *shape]`` of the use's parameters for data ``lo:hi``
+    and each of ``K`` output-gradients ``dy [K, N, ...]`` of the use's output."""
     x = use.x
+    K, N = dy.shape[0], dy.shape[1]
     if x is not None and use.extra.get("broadcast"):
-        x = x.expand(dy.shape[0], *x.shape[1:])
+        x = x.expand(N, *x.shape[1:])
     x = None if x is None else x[lo:hi]
-    dy = dy[lo:hi]
-    b = dy.shape[0]
+    dy = dy[:, lo:hi]
+    b = dy.shape[1]
     out = {}
     if use.kind == "linear":
-        x3, g3 = x.reshape(b, -1, x.shape[-1]).to(dy.dtype), dy.reshape(b, -1, dy.shape[-1])
+        x3, g3 = x.reshape(b, -1, x.shape[-1]).to(dy.dtype), dy.reshape(K, b, -1, dy.shape[-1])
         if "weight" in use.names:
-            out[use.names["weight"]] = torch.bmm(g3.mT, x3)
+            if K == 1:
+                out[use.names["weight"]] = torch.bmm(g3[0].mT, x3).unsqueeze(0)
+            else:
+                out[use.names["weight"]] = torch.einsum("kbto,bti->kboi", g3, x3)
         if "bias" in use.names:
-            out[use.names["bias"]] = g3.sum(1)
+            out[use.names["bias"]] = g3.sum(2)
     elif use.kind == "embedding":
         name = use.names["weight"]
         idx = x.reshape(b, -1)
-        g = dy.reshape(b, idx.shape[1], -1)
+        g = dy.reshape(K, b, idx.shape[1], -1)
         if use.extra["pad"] is not None:
             g = g * (idx != use.extra["pad"]).unsqueeze(-1).to(g.dtype)
-        grad = g.new_zeros(b, *shapes[name])
-        rows = torch.arange(b, device=g.device).unsqueeze(1).expand_as(idx)
-        grad.index_put_((rows, idx), g, accumulate=True)
+        grad = g.new_zeros(K, b, *shapes[name])
+        ks = torch.arange(K, device=g.device).view(K, 1, 1).expand_as(g[..., 0])
+        rows = torch.arange(b, device=g.device).view(1, b, 1).expand_as(g[..., 0])
+        grad.index_put_((ks, rows, idx.expand_as(g[..., 0])), g, accumulate=True)
         out[name] = grad
     elif use.kind == "norm":
         shape, eps = use.extra["shape"], use.extra["eps"]
@@ -183,7 +189,7 @@ def _example_grads(use: DiagUse, dy: Tensor, lo: int, hi: int, shapes) -> dict[s
             else:
                 xhat = F.layer_norm(x, shape, None, None, 1e-5 if eps is None else eps)
         k = len(shape)
-        dims = tuple(range(1, dy.ndim - k))
+        dims = tuple(range(2, dy.ndim - k))  # the positions between the data and the norm axes
         if "weight" in use.names:  # (sum over no dims would reduce them all)
             w = dy * xhat.to(dy.dtype)
             out[use.names["weight"]] = w.sum(dims) if dims else w
@@ -193,8 +199,8 @@ def _example_grads(use: DiagUse, dy: Tensor, lo: int, hi: int, shapes) -> dict[s
         name = use.names["weight"]
         t = dy if use.kind == "add" else dy * x.to(dy.dtype)
         shape = shapes[name]
-        padded = (1,) * (t.ndim - 1 - len(shape)) + tuple(shape)
-        out[name] = t.sum_to_size(b, *padded).reshape(b, *shape)
+        padded = (1,) * (t.ndim - 2 - len(shape)) + tuple(shape)
+        out[name] = t.sum_to_size(K, b, *padded).reshape(K, b, *shape)
     return out
 
 
@@ -238,7 +244,17 @@ class FastDiagonal:
         self, uses: list[DiagUse], dys: list[Tensor], lo: int, hi: int, names: list[str]
     ) -> dict[str, Tensor]:
         """Per-example gradients ``[hi - lo, *shape]`` of ``names`` for data ``lo:hi``, summed
-        over the ``uses`` (``dys``: their output-gradients, in order)."""
+        over the ``uses`` (``dys``: their output-gradients ``[N, ...]``, in order); with
+        ``dys`` of ``K`` output vectors each, ``[K, N, ...]``, see :meth:`example_jacobians`."""
+        grads = self.example_jacobians(uses, [d.unsqueeze(0) for d in dys], lo, hi, names)
+        return {n: g[0] for n, g in grads.items()}
+
+    def example_jacobians(
+        self, uses: list[DiagUse], dys: list[Tensor], lo: int, hi: int, names: list[str]
+    ) -> dict[str, Tensor]:
+        """``[K, hi - lo, *shape]``: the per-example gradients of ``names`` for each of ``K``
+        output vectors at once (``dys``: the uses' output-gradients ``[K, N, ...]``, in order;
+        the GLM predictive's Jacobians, ``K = C``)."""
         grads: dict[str, Tensor] = {}
         for u, dy in zip(uses, dys, strict=True):
             for n, g in _example_grads(u, dy, lo, hi, self.shapes).items():
