@@ -153,3 +153,41 @@ def test_norm_without_positions(no_vmap):
     for n in ["1.weight", "1.bias"]:
         H = exact_ggn(model, x, [n], "classification")
         torch.testing.assert_close(d[n].flatten(), H.diagonal(), rtol=1e-10, atol=1e-13)
+
+
+class AffineNet(nn.Module):
+    """Parameters used through affine images: Gemma's RMS norm scale ``x * (1 + w.double())``, a
+    scaled gain ``x * (0.5 g)``, a reversed shift ``x + (1 - s)``."""
+
+    def __init__(self, V=9, D=4, C=3):
+        super().__init__()
+        self.emb = nn.Embedding(V, D)
+        self.w = nn.Parameter(torch.randn(D) * 0.3)
+        self.g = nn.Parameter(torch.randn(D) * 0.3 + 1)
+        self.s = nn.Parameter(torch.randn(D) * 0.3)
+        self.head = nn.Linear(D, C)
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+        h = (h.double() * (1.0 + self.w.double())).to(h.dtype)
+        h = h * (0.5 * self.g) + (1.0 - self.s)
+        return self.head(torch.tanh(h).mean(1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_affine_images_of_parameters(no_vmap, dtype):
+    """``1 + w`` (after a cast), ``0.5 g`` and ``1 - s`` are images of the parameters: their
+    uses give the parameters' per-example gradients times the slope (1, 0.5, -1)."""
+    torch.manual_seed(0)
+    model = AffineNet().to(dtype).eval()
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randint(0, 9, (6, 5), generator=g), torch.randint(0, 3, (6,), generator=g)
+    curv = lk.kfac(model, [(x[:3], y[:3]), (x[3:], y[3:])], "classification", fisher="exact")
+    d = _diag(curv)
+    assert sorted(d) == ["g", "s", "w"]
+    ref = model.double()
+    for n in ("g", "s", "w"):
+        H = exact_ggn(ref, x, [n], "classification")
+        tol = 1e-10 if dtype == torch.float64 else 1e-4
+        torch.testing.assert_close(d[n].double().flatten(), H.diagonal(), rtol=tol, atol=tol)

@@ -154,3 +154,19 @@ def test_bert_whole_network_predictive_without_per_example_passes(monkeypatch):
         warnings.simplefilter("ignore")
         ref = lk.predictive.functional_covariance(la, x)
     torch.testing.assert_close(cov, ref, rtol=1e-9, atol=1e-12)
+
+
+def test_affine_images_of_parameters(monkeypatch):
+    """Gemma's ``1 + weight`` scale and other affine images of parameters (test_diag_fast.py):
+    closed-form Jacobians, equal to dense."""
+    from test_diag_fast import AffineNet
+
+    torch.manual_seed(0)
+    model = AffineNet().to(DT).eval()
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randint(0, 9, (6, 5), generator=g), torch.randint(0, 3, (6,), generator=g)
+    la = lk.KronLaplace(model, "classification", prior_precision=0.5).fit([(x, y)])
+    seen = _spy(monkeypatch)
+    cov = lk.predictive.functional_covariance(la, x)
+    assert seen == [True]
+    torch.testing.assert_close(cov, _dense(la, x), rtol=1e-10, atol=1e-12)

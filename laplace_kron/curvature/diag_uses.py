@@ -13,6 +13,10 @@ input and ``dy`` (summed over positions and over the parameter's uses):
 * ``x * p`` and ``x + p`` with ``p`` broadcast over the batch axis: ``dy * x`` (resp. ``dy``)
   summed to ``p``'s shape per datum.
 
+``p`` may also be an affine image of a parameter ``q`` by a number or a dtype / device cast
+(``p = 1 + q.float()``, as Gemma's RMS norm scales by ``1 + weight``; ``p = c q``; ``p = c - q``):
+the gradient of ``q`` is ``s`` times that of ``p``, ``s`` the product of the images' slopes.
+
 A use whose output does not have the batch's ``N`` data on its leading axis (a position table
 looked up with ``[1, T]`` ids and broadcast over the batch, a sequence-first layout) is not
 recognised. Whatever is recorded is verified once per fit against the vmapped per-example
@@ -34,6 +38,9 @@ __all__ = ["DiagUseRecorder", "FastDiagonal"]
 
 _MULS = (torch.mul, Tensor.mul, Tensor.__mul__, Tensor.__rmul__)
 _ADDS = (torch.add, Tensor.add, Tensor.__add__, Tensor.__radd__)
+_SUBS = (torch.sub, Tensor.sub, Tensor.__sub__)
+_RSUBS = (Tensor.__rsub__,)
+_CASTS = (Tensor.float, Tensor.double, Tensor.half, Tensor.bfloat16, Tensor.to, Tensor.type_as)
 _RMS_NORM = getattr(F, "rms_norm", None)
 
 
@@ -69,9 +76,21 @@ class DiagUseRecorder(TorchFunctionMode):
         # Uses whose output has one row (e.g. a position table looked up with [1, T] ids), until
         # an addition broadcasts them over the batch: the sum's output-gradient is per datum.
         self._pending: list[tuple[Tensor, DiagUse]] = []
+        # Affine images of parameters: id -> (name, slope, the tensor, kept so that its id is
+        # not reused by another tensor during the forward pass).
+        self._derived: dict[int, tuple[str, float, Tensor]] = {}
 
     def _name(self, t) -> str | None:
-        return self.by_id.get(id(t)) if isinstance(t, Tensor) else None
+        if not isinstance(t, Tensor):
+            return None
+        name = self.by_id.get(id(t))
+        if name is None and id(t) in self._derived:
+            name = self._derived[id(t)][0]
+        return name
+
+    def _slope(self, t) -> float:
+        """``d t / d q`` of a recorded image ``t`` of parameter ``q`` (1 for ``q`` itself)."""
+        return self._derived[id(t)][1] if id(t) in self._derived else 1.0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -85,7 +104,11 @@ class DiagUseRecorder(TorchFunctionMode):
             if self._pending and func in _ADDS and len(args) == 2 and not kwargs:
                 self._link(args, out)
             return out
+        if len(found) == 1 and self._derive(func, args, kwargs, out):
+            return out
         use = self._recognise(func, args, kwargs, out)
+        if use is not None:
+            use.extra["slopes"] = self._slopes(func, args, kwargs, use)
         if use is None or set(use.names.values()) != set(found):
             self.unsupported.update(found)
         else:
@@ -94,10 +117,47 @@ class DiagUseRecorder(TorchFunctionMode):
                 self._pending.append((out, use))
         return out
 
+    def _derive(self, func, args, kw, out: Tensor) -> bool:
+        """Record ``out`` as an affine image of the one parameter among ``args`` (a cast, or a
+        sum / difference / product with a number); whether it is one."""
+        if not args or not isinstance(args[0], Tensor):
+            return False
+        if out is args[0]:  # a cast to the tensor's own dtype / device: the tensor itself
+            return func in _CASTS
+        base = args[0]
+        if self._name(base) is None or out.shape != base.shape:
+            return False
+        slope = None
+        if func in _CASTS and all(self._name(a) is None for a in (*args[1:], *kw.values())):
+            slope = 1.0
+        elif len(args) == 2 and not kw and _number(args[1]):
+            if func in _ADDS or func in _SUBS:
+                slope = 1.0
+            elif func in _RSUBS:
+                slope = -1.0
+            elif func in _MULS:
+                slope = float(args[1])
+        if slope is None:
+            return False
+        name, s0 = self._name(base), self._slope(base)
+        self._derived[id(out)] = (name, s0 * slope, out)
+        return True
+
+    def _slopes(self, func, args, kw, use: DiagUse) -> dict[str, float]:
+        """Per role of ``use``, the slope of the image it used (only those other than 1)."""
+        tensors = [t for t in _flat_tensors([*args, *kw.values()]) if self._name(t)]
+        slopes = {}
+        for role, name in use.names.items():
+            s = [self._slope(t) for t in tensors if self._name(t) == name]
+            if s and s[0] != 1.0:
+                slopes[role] = s[0]
+        return slopes
+
     def clear(self) -> None:
         """Forget the recorded uses (before the next forward pass)."""
         self.uses.clear()
         self._pending.clear()
+        self._derived.clear()
         self.unsupported.clear()
 
     def _link(self, args, out: Tensor) -> None:
@@ -144,6 +204,10 @@ class DiagUseRecorder(TorchFunctionMode):
                 kind = "mul" if func in _MULS else "add"
                 return DiagUse(kind, {"weight": nm(p)}, o.detach() if kind == "mul" else None, out)
         return None
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _batched(t: Tensor, N: int) -> bool:
@@ -201,6 +265,8 @@ def _example_grads(use: DiagUse, dy: Tensor, lo: int, hi: int, shapes) -> dict[s
         shape = shapes[name]
         padded = (1,) * (t.ndim - 2 - len(shape)) + tuple(shape)
         out[name] = t.sum_to_size(K, b, *padded).reshape(K, b, *shape)
+    for role, slope in use.extra.get("slopes", {}).items():  # an image of the parameter
+        out[use.names[role]] = out[use.names[role]] * slope
     return out
 
 
