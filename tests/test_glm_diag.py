@@ -121,22 +121,13 @@ def test_unrecognised_use_and_failed_verification_take_the_per_example_path(monk
 
 def test_bert_whole_network_predictive_without_per_example_passes(monkeypatch):
     transformers = pytest.importorskip("transformers")
+    from test_hf_zoo_exact import NO_DROP, V, _text
+
     torch.manual_seed(0)
-    cfg = transformers.BertConfig(
-        vocab_size=19,
-        hidden_size=8,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=12,
-        max_position_embeddings=8,
-        num_labels=3,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        attn_implementation="eager",
-    )
-    model = transformers.BertForSequenceClassification(cfg).to(DT).eval()
+    T = transformers
+    model = _text(T.BertForSequenceClassification, T.BertConfig, **NO_DROP)().to(DT).eval()
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(1, 19, (6, 5), generator=g)
+    ids = torch.randint(1, V, (6, 5), generator=g)
     mask = torch.ones_like(ids)
     mask[0, 3:] = 0
     batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 1, 2, 0, 1, 2])}

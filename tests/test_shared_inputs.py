@@ -75,18 +75,11 @@ def test_projections_of_one_input_share_their_input_factor(monkeypatch, weight_s
 def test_llama_and_lora_share_input_factors(monkeypatch):
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
+    from test_hf_zoo_exact import _text
+
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=23,
-        hidden_size=8,
-        intermediate_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=16,
-        attn_implementation="eager",
-    )
-    base = transformers.LlamaForCausalLM(cfg).to(DT).eval()
+    T = transformers
+    base = _text(T.LlamaForCausalLM, T.LlamaConfig, num_key_value_heads=2)().to(DT).eval()
     ids = torch.randint(0, 23, (4, 5))
     data = [({"input_ids": ids[:2]}, ids[:2]), ({"input_ids": ids[2:]}, ids[2:])]
     kw = dict(shift_labels=True, embeddings="diag")
