@@ -175,3 +175,35 @@ def test_one_token_blocks_are_the_exact_ggn(name):
     probs = la.predict(x)
     assert probs.shape == (1, 3)
     torch.testing.assert_close(probs.sum(-1), torch.ones(1, dtype=DT))
+
+
+@pytest.mark.parametrize("curvature", ["kfac", "ekfac"])
+def test_token_classifier_padded_equals_unpadded(curvature):
+    """A token classifier (logits ``[B, T, C]``, labels ``[B, T]`` with ``-100`` at padding):
+    a padded batch gives the curvature and evidence of its sequences fitted one by one."""
+    torch.manual_seed(0)
+    model = _text(T.BertForTokenClassification, T.BertConfig, num_labels=4, **NO_DROP)()
+    model = model.to(DT).eval()
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(1, V, (n,), generator=g) for n in (5, 3, 4)]
+    labels = [torch.randint(0, 4, (n,), generator=g) for n in (5, 3, 4)]
+    ids = torch.zeros(3, 5, dtype=torch.long)
+    mask, lab = torch.zeros_like(ids), torch.full_like(ids, -100)
+    for i, (s, y) in enumerate(zip(seqs, labels)):
+        ids[i, : len(s)], mask[i, : len(s)], lab[i, : len(s)] = s, 1, y
+    padded = [{"input_ids": ids, "attention_mask": mask, "labels": lab}]
+    single = [
+        {"input_ids": s[None], "attention_mask": torch.ones_like(s)[None], "labels": y[None]}
+        for s, y in zip(seqs, labels)
+    ]
+    kw = dict(fisher="exact")
+    a = lk.KronLaplace(model, "classification", curvature, **kw).fit(padded)
+    b = lk.KronLaplace(model, "classification", curvature, **kw).fit(single)
+    assert any(isinstance(blk, DiagBlock) for blk in a.curvature.blocks)
+    torch.testing.assert_close(
+        a.curvature.to_dense(), b.curvature.to_dense(), rtol=1e-10, atol=1e-12
+    )
+    torch.testing.assert_close(a.log_marginal_likelihood(), b.log_marginal_likelihood())
+    p = a.predict({"input_ids": ids, "attention_mask": mask})
+    assert p.shape == (3, 5, 4)
+    torch.testing.assert_close(p.sum(-1), torch.ones(3, 5, dtype=DT))
