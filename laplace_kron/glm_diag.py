@@ -4,9 +4,10 @@
 (``P`` of them), by one of two paths that give the same numbers:
 
 * from the chunk's own backward pass (:class:`DiagJacobians` with recorded uses): the uses of the
-  parameters (``F.linear``, ``F.embedding``, layer / RMS norm, broadcast scale and shift;
-  :mod:`~laplace_kron.curvature.diag_uses`) and their output-gradients for each of the ``C``
-  output vectors give every ``J_n`` of the chunk in closed form. Taken when every use of every
+  parameters or of affine images of them (``F.linear``, ``F.embedding``, layer / RMS norm,
+  broadcast scale and shift; :mod:`~laplace_kron.curvature.diag_uses`) and their
+  output-gradients ``[C, b, ...]`` for the ``C`` output vectors give every ``J_n`` of the chunk in
+  closed form, one batched product per use. Taken when every use of every
   diagonal parameter is recognised; verified once, on the first chunk, against batch-of-one
   passes of its first two inputs (a failure keeps the other path for the whole pass);
 * per-example passes (:class:`~laplace_kron.curvature.diagonal.DiagonalGradients`: ``vmap`` over
