@@ -135,9 +135,9 @@ class FactorAccumulator:
                     elif li in shared:
                         S = a.new_zeros(a.shape[-1], a.shape[-1])
                         self._add_A(li, a, b.positions, out=S)
+                        A_sum = self.state.A_sum
                         for lj in shared[li]:
-                            A = self.state.A_sum
-                            A[lj] = S.clone() if A[lj] is None else A[lj].add_(S)
+                            A_sum[lj] = S.clone() if A_sum[lj] is None else A_sum[lj].add_(S)
                     elif spec.has_weight:
                         self._add_A(li, a, b.positions)
             closed = self._closed_form_G(b)

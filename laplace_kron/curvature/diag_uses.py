@@ -306,15 +306,6 @@ class FastDiagonal:
                 bad |= names
         return [n for n in self.params if n in seen and n not in bad]
 
-    def example_grads(
-        self, uses: list[DiagUse], dys: list[Tensor], lo: int, hi: int, names: list[str]
-    ) -> dict[str, Tensor]:
-        """Per-example gradients ``[hi - lo, *shape]`` of ``names`` for data ``lo:hi``, summed
-        over the ``uses`` (``dys``: their output-gradients ``[N, ...]``, in order); with
-        ``dys`` of ``K`` output vectors each, ``[K, N, ...]``, see :meth:`example_jacobians`."""
-        grads = self.example_jacobians(uses, [d.unsqueeze(0) for d in dys], lo, hi, names)
-        return {n: g[0] for n, g in grads.items()}
-
     def example_jacobians(
         self, uses: list[DiagUse], dys: list[Tensor], lo: int, hi: int, names: list[str]
     ) -> dict[str, Tensor]:
@@ -334,7 +325,8 @@ class FastDiagonal:
         step = max(1, self.chunk // size)
         for lo in range(0, N, step):
             hi = min(N, lo + step)
-            yield lo, hi, self.example_grads(uses, dys, lo, hi, names)
+            grads = self.example_jacobians(uses, [d.unsqueeze(0) for d in dys], lo, hi, names)
+            yield lo, hi, {n: g[0] for n, g in grads.items()}
 
     def squared_sums(
         self, uses: list[DiagUse], dys: list[Tensor], N: int, names: list[str]
